@@ -1,0 +1,1 @@
+"""Sub-commands of the `cvxdist` CLI (see `cvxdist.cli`)."""
