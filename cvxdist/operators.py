@@ -1,0 +1,141 @@
+r"""Matrix-free operators of the gated-ReLU problem.
+
+With rows ``X (N, d)``, gates ``G (d, P)`` and masks ``M = 1[X G >= 0] (N, P)``:
+
+.. math::
+
+    A(U) = \sum_i M_{:, i} \odot (X U_i) \in R^{N \times c}, \qquad
+    A^T(R)_i = X^T (M_{:, i} \odot R) \in R^{d \times c}.
+
+Each is one GEMM against ``U`` viewed as ``(d, P·c)`` plus a masked reduction. Rows live in
+``K`` chunks of ``n`` rows (``problem.X`` has shape ``(K, n, d)``); the chunk loop is a
+``lax.scan`` (``K`` is static), so the ``(n, P, c)`` intermediate is the peak memory. Masks
+are either stored as booleans per chunk or recomputed from ``X_k G`` inside the loop; never
+stored as an ``N × P`` float array.
+
+The unregularized linear skip ``V`` and bias ``b`` are eliminated exactly: for fixed ``U`` they
+are the least-squares fit of the remaining residual, so the solvers see the *projected*
+residual :math:`r(U) = P_\perp (Y - A(U))` with :math:`P_\perp` the projector onto the
+orthogonal complement of the columns of ``[X 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+if TYPE_CHECKING:
+    from cvxdist.problems import GatedReluProblem
+
+
+def chunk_masks(problem: GatedReluProblem, X_chunk: Array, mask_chunk: Array | None) -> Array:
+    """Boolean masks ``(n, P)`` of one chunk, stored or recomputed from ``X_chunk @ G``."""
+    if mask_chunk is not None:
+        return mask_chunk
+    return (X_chunk @ problem.G) >= 0
+
+
+def _chunk_inputs(problem: GatedReluProblem) -> tuple[Array, Array | None]:
+    return problem.X, problem.masks
+
+
+def map_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
+    """Apply ``fn(X_k, M_k, *args_k)`` to every chunk; outputs stacked along axis 0."""
+    X, masks = _chunk_inputs(problem)
+    if problem.num_chunks == 1:
+        args = [None if a is None else a[0] for a in (X, masks, *chunked)]
+        return jax.tree.map(lambda y: y[None], fn(*args))
+    return lax.map(lambda args: fn(*args), (X, masks, *chunked))
+
+
+def sum_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
+    """Sum of ``fn(X_k, M_k, *args_k)`` over chunks, accumulated (never stacked)."""
+    X, masks = _chunk_inputs(problem)
+    if problem.num_chunks == 1:
+        return fn(*[None if a is None else a[0] for a in (X, masks, *chunked)])
+
+    def body(total: Array, args: tuple) -> tuple[Array, None]:
+        return jax.tree.map(jnp.add, total, fn(*args)), None
+
+    first_args = [None if a is None else a[0] for a in (X, masks, *chunked)]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first_args))
+    total, _ = lax.scan(body, zeros, (X, masks, *chunked))
+    return total
+
+
+def forward(problem: GatedReluProblem, U: Array) -> Array:
+    """:math:`A(U)`: the gated part of the prediction, shape ``(K, n, c)``."""
+    P, d, c = U.shape
+    U_flat = jnp.transpose(U, (1, 0, 2)).reshape(d, P * c)
+
+    def chunk(X_k: Array, M_k: Array | None) -> Array:
+        masks = chunk_masks(problem, X_k, M_k)
+        hidden = (X_k @ U_flat).reshape(-1, P, c)
+        return jnp.sum(hidden * masks[:, :, None].astype(hidden.dtype), axis=1)
+
+    return map_chunks(problem, chunk)
+
+
+def adjoint(problem: GatedReluProblem, R: Array) -> Array:
+    """:math:`A^T(R)` for residuals ``R (K, n, c)``; returns ``(P, d, c)``."""
+    P = problem.num_gates
+    c = R.shape[-1]
+    d = problem.X.shape[-1]
+
+    def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
+        masks = chunk_masks(problem, X_k, M_k)
+        masked = masks[:, :, None].astype(R_k.dtype) * R_k[:, None, :]
+        return X_k.T @ masked.reshape(-1, P * c)
+
+    flat = sum_chunks(problem, chunk, R)
+    return jnp.transpose(flat.reshape(d, P, c), (1, 0, 2))
+
+
+def _unregularized_features(problem: GatedReluProblem, X_k: Array) -> Array:
+    """Columns of the unregularized part for one chunk: ``[X_k, 1]``, ``X_k`` or ``1``."""
+    parts = []
+    if problem.skip:
+        parts.append(X_k)
+    if problem.bias:
+        parts.append(jnp.ones((X_k.shape[0], 1), X_k.dtype))
+    return jnp.concatenate(parts, axis=1)
+
+
+def fit_unregularized(problem: GatedReluProblem, R: Array) -> Array:
+    """Least-squares coefficients ``beta`` of the skip/bias columns for residual ``R``.
+
+    Returns ``beta`` of shape ``(d + 1, c)`` (skip rows first, bias last; only the parts
+    that are enabled). Padded rows carry zero residual, so they do not bias the fit.
+    """
+
+    def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
+        del M_k
+        return _unregularized_features(problem, X_k).T @ R_k
+
+    moments = sum_chunks(problem, chunk, R)
+    return problem.gram_pinv @ moments
+
+
+def project_out_unregularized(problem: GatedReluProblem, R: Array) -> tuple[Array, Array | None]:
+    """:math:`P_\\perp R` and the fitted skip/bias coefficients (``None`` without them)."""
+    if not (problem.skip or problem.bias):
+        return R, None
+    beta = fit_unregularized(problem, R)
+
+    def chunk(X_k: Array, M_k: Array | None, R_k: Array, valid_k: Array | None) -> Array:
+        del M_k
+        fitted = _unregularized_features(problem, X_k) @ beta
+        if valid_k is not None:
+            fitted = fitted * valid_k[:, None]
+        return R_k - fitted
+
+    return map_chunks(problem, chunk, R, problem.valid), beta
+
+
+def residual(problem: GatedReluProblem, U: Array) -> tuple[Array, Array | None]:
+    """:math:`r(U) = P_\\perp(Y - A(U))`, shape ``(K, n, c)``, and the skip/bias fit."""
+    return project_out_unregularized(problem, problem.Y - forward(problem, U))

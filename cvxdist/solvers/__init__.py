@@ -1,0 +1,42 @@
+"""Solvers of the gated-ReLU problem, all run by one bounded loop (:mod:`.common`).
+
+- ``fista``: R-FISTA (:mod:`.fista`).
+"""
+
+from cvxdist.solvers.api import (
+    SOLVERS,
+    choose_solver,
+    lam_grid,
+    make_solver,
+    register_solver,
+    resolve_lam,
+    solve,
+    solve_batch,
+    solve_path,
+    stack_problems,
+    trace_count,
+)
+from cvxdist.solvers.common import RESULTS, IterativeSolver, Solution, SolveStats, Weights, iterate
+from cvxdist.solvers.fista import Fista, FistaState
+
+__all__ = [
+    "RESULTS",
+    "SOLVERS",
+    "Fista",
+    "FistaState",
+    "IterativeSolver",
+    "Solution",
+    "SolveStats",
+    "Weights",
+    "choose_solver",
+    "iterate",
+    "lam_grid",
+    "make_solver",
+    "register_solver",
+    "resolve_lam",
+    "solve",
+    "solve_batch",
+    "solve_path",
+    "stack_problems",
+    "trace_count",
+]

@@ -1,0 +1,304 @@
+"""Public solve API: one solve, a vmapped batch, and a warm-started λ path.
+
+Every entry point compiles one function per (solver, problem shapes, max_iters) and takes λ
+and tol as traced arrays: sweeping λ never recompiles.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from cvxdist.problems import GatedReluProblem, lam_max
+from cvxdist.prox import Regularizer, get_regularizer
+from cvxdist.solvers.common import IterativeSolver, Solution, iterate
+from cvxdist.solvers.fista import Fista
+
+SOLVERS: dict[str, type[IterativeSolver]] = {"fista": Fista}
+
+_trace_count = 0
+
+
+def trace_count() -> int:
+    """How many times the solve core has been traced (compiled) in this process."""
+    return _trace_count
+
+
+def register_solver(name: str, cls: type[IterativeSolver]) -> None:
+    """Make ``cls`` available as ``solver=name``."""
+    SOLVERS[name] = cls
+
+
+def make_solver(
+    solver: str | IterativeSolver = "fista",
+    reg: str | Regularizer = "coupled",
+    problem: GatedReluProblem | None = None,
+    **options: Any,
+) -> IterativeSolver:
+    """A solver instance from names. ``solver="auto"`` picks by problem shape."""
+    if isinstance(solver, IterativeSolver):
+        return solver
+    regularizer = get_regularizer(reg)
+    if solver == "auto":
+        solver = choose_solver(problem)
+    try:
+        cls = SOLVERS[solver]
+    except KeyError:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}") from None
+    return cls(reg=regularizer, **options)
+
+
+def choose_solver(problem: GatedReluProblem | None) -> str:
+    """The solver ``auto`` uses for a problem (documented in the README)."""
+    del problem
+    return "fista"
+
+
+@eqx.filter_jit
+def _solve_core(
+    solver: IterativeSolver,
+    problem: GatedReluProblem,
+    lam: Array,
+    U0: Array,
+    tol: Array,
+    max_iters: int,
+) -> Solution:
+    global _trace_count
+    _trace_count += 1
+    return iterate(solver, problem, lam, U0, tol, max_iters)
+
+
+@eqx.filter_jit
+def _solve_batch_core(
+    solver: IterativeSolver,
+    problem: GatedReluProblem,
+    lams: Array,
+    U0: Array,
+    tol: Array,
+    max_iters: int,
+    problem_axis: int | None,
+) -> Solution:
+    global _trace_count
+    _trace_count += 1
+    u0_axis = 0 if U0.ndim == 4 else None
+    run = eqx.filter_vmap(
+        lambda p, lam, u0: iterate(solver, p, lam, u0, tol, max_iters),
+        in_axes=(problem_axis, 0, u0_axis),
+    )
+    return run(problem, lams, U0)
+
+
+def _check_lam(lam: Any, name: str = "lam") -> np.ndarray:
+    values = np.asarray(lam, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite, got {lam}")
+    if np.any(values < 0):
+        raise ValueError(f"{name} must be non-negative, got {lam}")
+    return values
+
+
+def resolve_lam(
+    problem: GatedReluProblem,
+    reg: str | Regularizer,
+    lam: float | None,
+    lam_frac: float | None,
+) -> tuple[float, float]:
+    """(λ, λ_max) from an absolute λ or a fraction of λ_max; warns when λ ≥ λ_max."""
+    if (lam is None) == (lam_frac is None):
+        raise ValueError("give exactly one of lam and lam_frac")
+    regularizer = get_regularizer(reg)
+    lmax = float(lam_max(problem, regularizer))
+    if lam is None:
+        lam = float(_check_lam(lam_frac, "lam_frac")) * lmax
+    lam = float(_check_lam(lam))
+    if lam >= lmax:
+        warnings.warn(
+            f"lam = {lam:.4g} >= lam_max = {lmax:.4g}: every gate is pruned and the model is "
+            "zero (plus the linear skip/bias, if any); choose lam_frac < 1",
+            stacklevel=3,
+        )
+    return lam, lmax
+
+
+def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
+    if init is None:
+        return problem.zeros()
+    U0 = init.weights.U if isinstance(init, Solution) else init
+    U0 = jnp.asarray(U0, problem.dtype)
+    if U0.shape[-3:] != problem.weight_shape:
+        raise ValueError(f"init must have shape {problem.weight_shape}, got {U0.shape}")
+    return U0
+
+
+def _timed(fn: Any, *args: Any) -> Solution:
+    start = time.perf_counter()
+    solution = jax.block_until_ready(fn(*args))
+    elapsed = time.perf_counter() - start
+    shape = solution.stats.time_s.shape
+    return eqx.tree_at(
+        lambda s: s.stats.time_s, solution, jnp.full(shape, elapsed, solution.stats.time_s.dtype)
+    )
+
+
+def solve(
+    problem: GatedReluProblem,
+    lam: float | None = None,
+    *,
+    lam_frac: float | None = None,
+    reg: str | Regularizer = "coupled",
+    solver: str | IterativeSolver = "fista",
+    tol: float = 1e-3,
+    max_iters: int = 10_000,
+    init: Array | Solution | None = None,
+    **solver_options: Any,
+) -> Solution:
+    """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
+
+    Args:
+        problem: from :func:`cvxdist.problems.make_problem`.
+        lam: regularization strength (≥ 0), or ``lam_frac``: a fraction of λ_max.
+        reg: ``coupled``, ``one_vs_all``, ``nuclear``, ``group_elastic`` or a Regularizer.
+        solver: ``fista`` (R-FISTA), ``admm``, ``auto`` or a solver instance.
+        tol: target relative duality gap (static loop bound is ``max_iters``).
+        init: warm start: weights ``(P, d, c)`` or a previous Solution.
+
+    Returns:
+        A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
+        when this is the first call for these shapes.
+    """
+    lam, _ = resolve_lam(problem, reg, lam, lam_frac)
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    solver_obj = make_solver(solver, reg, problem, **solver_options)
+    U0 = _initial_weights(problem, init)
+    dtype = problem.dtype
+    return _timed(
+        _solve_core,
+        solver_obj,
+        problem,
+        jnp.asarray(lam, dtype),
+        U0,
+        jnp.asarray(tol, dtype),
+        int(max_iters),
+    )
+
+
+def solve_batch(
+    problem: GatedReluProblem,
+    lams: Sequence[float] | Array,
+    *,
+    reg: str | Regularizer = "coupled",
+    solver: str | IterativeSolver = "fista",
+    tol: float = 1e-3,
+    max_iters: int = 10_000,
+    init: Array | None = None,
+    batched_problem: bool = False,
+    **solver_options: Any,
+) -> Solution:
+    """One compiled solve vmapped over a λ grid (and, optionally, over stacked problems).
+
+    Args:
+        lams: ``(L,)`` absolute λ values.
+        batched_problem: ``problem`` holds ``L`` problems stacked on a leading axis
+            (see :func:`stack_problems`); lane ``l`` solves problem ``l`` at ``lams[l]``.
+
+    Returns:
+        A Solution whose leaves have a leading ``L`` axis. ``stats.iterations[l]`` is the
+        number of iterations lane ``l`` needed (the loop runs until the slowest lane stops;
+        finished lanes are frozen).
+    """
+    lams_np = _check_lam(lams, "lams")
+    if lams_np.ndim != 1 or lams_np.size == 0:
+        raise ValueError(f"lams must be a non-empty 1-D sequence, got shape {lams_np.shape}")
+    solver_obj = make_solver(solver, reg, problem, **solver_options)
+    dtype = problem.dtype
+    shape = _unbatched_weight_shape(problem)
+    U0 = jnp.zeros(shape, dtype) if init is None else jnp.asarray(init, dtype)
+    if U0.shape[-3:] != shape:
+        raise ValueError(f"init must have shape {shape} or (L, *{shape}), got {U0.shape}")
+    return _timed(
+        _solve_batch_core,
+        solver_obj,
+        problem,
+        jnp.asarray(lams_np, dtype),
+        U0,
+        jnp.asarray(tol, dtype),
+        int(max_iters),
+        0 if batched_problem else None,
+    )
+
+
+def _unbatched_weight_shape(problem: GatedReluProblem) -> tuple[int, int, int]:
+    return (problem.G.shape[-1], problem.X.shape[-1], problem.Y.shape[-1])
+
+
+def stack_problems(problems: Sequence[GatedReluProblem]) -> GatedReluProblem:
+    """Stack same-shaped problems on a leading axis for :func:`solve_batch`."""
+    if not problems:
+        raise ValueError("stack_problems needs at least one problem")
+    first = problems[0]
+    for other in problems[1:]:
+        if jax.tree.structure(other) != jax.tree.structure(first):
+            raise ValueError("problems must share shapes, chunking, skip/bias and mask storage")
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *problems)
+
+
+def lam_grid(lmax: float, num: int = 10, min_frac: float = 1e-2) -> np.ndarray:
+    """``num`` λ values log-spaced from ``lmax`` down to ``min_frac · lmax``."""
+    return lmax * np.geomspace(1.0, min_frac, num)
+
+
+def solve_path(
+    problem: GatedReluProblem,
+    lams: Sequence[float] | None = None,
+    *,
+    lam_fracs: Sequence[float] | None = None,
+    reg: str | Regularizer = "coupled",
+    solver: str | IterativeSolver = "fista",
+    tol: float = 1e-3,
+    max_iters: int = 10_000,
+    progress: bool = True,
+    **solver_options: Any,
+) -> list[Solution]:
+    """Warm-started regularization path, largest λ first (one compilation for all λ).
+
+    Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
+    descending. Returns one Solution per λ, in that order.
+    """
+    if (lams is None) == (lam_fracs is None):
+        raise ValueError("give exactly one of lams and lam_fracs")
+    regularizer = get_regularizer(reg)
+    lmax = float(lam_max(problem, regularizer))
+    values = _check_lam(lams if lams is not None else lam_fracs, "lams")
+    if lams is None:
+        values = values * lmax
+    values = np.sort(values.ravel())[::-1]
+    solver_obj = make_solver(solver, regularizer, problem, **solver_options)
+    dtype = problem.dtype
+    U = problem.zeros()
+    solutions = []
+    from tqdm.auto import tqdm
+
+    with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
+        for lam in bar:
+            solution = _timed(
+                _solve_core,
+                solver_obj,
+                problem,
+                jnp.asarray(lam, dtype),
+                U,
+                jnp.asarray(tol, dtype),
+                int(max_iters),
+            )
+            U = solution.weights.U
+            bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
+            solutions.append(solution)
+    return solutions

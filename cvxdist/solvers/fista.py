@@ -1,0 +1,166 @@
+r"""R-FISTA: restarted accelerated proximal gradient with line search.
+
+Solves :math:`\min_U f(U) + \lambda R(U)` with :math:`f(U) = \|P_\perp(Y - A(U))\|^2/(2N)`.
+
+Iteration ``k`` (Beck & Teboulle 2009; O'Donoghue & Candès 2015 restarts)::
+
+    t'   = (1 + sqrt(1 + 4 t²)) / 2,   β = (t - 1) / t'
+    V    = U_k + β (U_k - U_{k-1})                        (extrapolation)
+    η   ← η · growth;  repeat η ← η · shrink until
+          f(U⁺) ≤ f(V) + <∇f(V), U⁺ - V> + ||U⁺ - V||² / (2η),   U⁺ = prox_{ηλR}(V - η∇f(V))
+    restart (t' ← 1) when <V - U⁺, U⁺ - U_k> > 0
+
+Cost. ``r(U)`` and ``∇f(U)`` are affine in ``U``, so the state keeps them for the last two
+iterates and forms ``r(V)``, ``∇f(V)`` by the same linear combination as ``V``. An iteration
+then needs exactly one forward GEMM (the line-search trial, plus one per backtrack) and one
+adjoint GEMM (``∇f(U⁺)``); the duality gap at ``U⁺`` comes for free from those two.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array, lax
+
+from cvxdist import operators
+from cvxdist.problems import Evaluation, GatedReluProblem, evaluate
+from cvxdist.prox import Regularizer
+from cvxdist.solvers.common import RESULTS, IterativeSolver, Weights, split_unregularized
+
+
+class FistaState(NamedTuple):
+    U: Array  # current iterate, (P, d, c)
+    r: Array  # projected residual at U, (K, n, c)
+    grad: Array  # ∇f(U), (P, d, c)
+    U_prev: Array
+    r_prev: Array
+    grad_prev: Array
+    beta: Array | None  # skip/bias least-squares coefficients at U
+    momentum: Array  # t
+    step: Array  # η
+    iteration: Array
+    evaluation: Evaluation
+    subgrad_sq: Array
+    backtracks: Array  # total number of rejected trial steps
+    restarts: Array
+    linesearch_failed: Array
+
+
+class Fista(IterativeSolver):
+    """R-FISTA with backtracking, step growth and gradient-mapping restarts.
+
+    Attributes (static): the regularizer, ``growth`` (step multiplier tried each iteration),
+    ``shrink`` (multiplier on a rejected step) and ``max_backtracks`` per iteration.
+    """
+
+    reg: Regularizer
+    growth: float = 1.25
+    shrink: float = 0.5
+    max_backtracks: int = 60
+
+    def _gradient(self, problem: GatedReluProblem, r: Array) -> Array:
+        return -operators.adjoint(problem, r) / problem.num_rows
+
+    def _certify(
+        self, problem: GatedReluProblem, lam: Array, U: Array, r: Array, grad: Array, step: Array
+    ) -> tuple[Evaluation, Array]:
+        evaluation = evaluate(problem, self.reg, lam, U, r, grad)
+        return evaluation, self.reg.min_norm_subgradient_sq(U, grad, lam, step)
+
+    def init(self, problem: GatedReluProblem, U0: Array, lam: Array) -> FistaState:
+        r, beta = operators.residual(problem, U0)
+        grad = self._gradient(problem, r)
+        # Initial step: the inverse Rayleigh quotient of the data term along the gradient
+        # (a lower bound on the Lipschitz constant, so backtracking corrects it if too long).
+        curvature_r, _ = operators.project_out_unregularized(
+            problem, operators.forward(problem, grad)
+        )
+        grad_sq = jnp.sum(grad * grad)
+        curvature = jnp.sum(curvature_r * curvature_r) / (problem.num_rows * grad_sq)
+        step = jnp.where((grad_sq > 0) & (curvature > 0), 1.0 / curvature, 1.0).astype(U0.dtype)
+        evaluation, subgrad_sq = self._certify(problem, lam, U0, r, grad, step)
+        zero = jnp.zeros((), jnp.int32)
+        return FistaState(
+            U=U0,
+            r=r,
+            grad=grad,
+            U_prev=U0,
+            r_prev=r,
+            grad_prev=grad,
+            beta=beta,
+            momentum=jnp.ones((), U0.dtype),
+            step=step,
+            iteration=zero,
+            evaluation=evaluation,
+            subgrad_sq=subgrad_sq,
+            backtracks=zero,
+            restarts=zero,
+            linesearch_failed=jnp.zeros((), bool),
+        )
+
+    def step(self, problem: GatedReluProblem, lam: Array, state: FistaState) -> FistaState:
+        N = problem.num_rows
+        t = state.momentum
+        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+        extrapolation = (t - 1.0) / t_next
+        V = state.U + extrapolation * (state.U - state.U_prev)
+        r_V = state.r + extrapolation * (state.r - state.r_prev)
+        grad_V = state.grad + extrapolation * (state.grad - state.grad_prev)
+        loss_V = 0.5 * jnp.sum(r_V * r_V) / N
+        # Rounding slack so that a converged iterate is not rejected for noise.
+        slack = 32.0 * jnp.finfo(loss_V.dtype).eps * loss_V
+
+        def trial(carry: tuple) -> tuple:
+            step, _, _, _, count, _ = carry
+            step = jnp.where(count == 0, step, step * self.shrink)
+            U_new = self.reg.prox(V - step * grad_V, lam, step)
+            r_new, beta_new = operators.residual(problem, U_new)
+            loss_new = 0.5 * jnp.sum(r_new * r_new) / N
+            diff = U_new - V
+            model = loss_V + jnp.sum(grad_V * diff) + 0.5 * jnp.sum(diff * diff) / step
+            accepted = loss_new <= model + slack
+            return step, U_new, r_new, beta_new, count + 1, accepted
+
+        def rejected(carry: tuple) -> Array:
+            *_, count, accepted = carry
+            return (~accepted) & (count < self.max_backtracks)
+
+        no = jnp.zeros((), bool)
+        start = (state.step * self.growth, V, r_V, state.beta, jnp.zeros((), jnp.int32), no)
+        step, U_new, r_new, beta_new, count, accepted = lax.while_loop(rejected, trial, start)
+        grad_new = self._gradient(problem, r_new)
+        evaluation, subgrad_sq = self._certify(problem, lam, U_new, r_new, grad_new, step)
+        restart = jnp.sum((V - U_new) * (U_new - state.U)) > 0
+        return FistaState(
+            U=U_new,
+            r=r_new,
+            grad=grad_new,
+            U_prev=state.U,
+            r_prev=state.r,
+            grad_prev=state.grad,
+            beta=beta_new,
+            momentum=jnp.where(restart, jnp.ones_like(t_next), t_next),
+            step=step,
+            iteration=state.iteration + 1,
+            evaluation=evaluation,
+            subgrad_sq=subgrad_sq,
+            backtracks=state.backtracks + count - 1,
+            restarts=state.restarts + restart.astype(jnp.int32),
+            linesearch_failed=~accepted,
+        )
+
+    def certificate(self, state: FistaState) -> tuple[Evaluation, Array]:
+        return state.evaluation, state.subgrad_sq
+
+    def failed(self, state: FistaState) -> tuple[Array, RESULTS]:
+        nonfinite = ~jnp.isfinite(state.evaluation.primal)
+        why = RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.linesearch_failed)
+        return nonfinite | state.linesearch_failed, why
+
+    def postprocess(self, problem: GatedReluProblem, lam: Array, state: FistaState) -> Weights:
+        V, b = split_unregularized(problem, state.beta)
+        return Weights(state.U, V, b)
+
+    def stats_extra(self, state: FistaState) -> Array:
+        return state.step
