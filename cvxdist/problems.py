@@ -180,7 +180,7 @@ def make_problem(
     if dtype is None:
         dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
         raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
     N = X.shape[0]
     c = Y.shape[1]

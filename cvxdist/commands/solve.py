@@ -1,0 +1,179 @@
+"""`cvxdist solve PROBLEM.npz`: solve one gated-ReLU problem stored as arrays X, Y, G."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REGULARIZERS = ("coupled", "one_vs_all", "nuclear", "group_elastic")
+SOLVERS = ("fista", "admm", "auto")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "solve",
+        help="solve a gated-ReLU problem (X, Y, G in an .npz) to a certified optimum",
+        description=(
+            "Solve min_U 1/(2N)||sum_i 1[X g_i >= 0] * (X U_i) - Y||^2 + lam R(U) for the "
+            "arrays X (N,d), Y (N,c), G (d,P) of PROBLEM.npz; write U (P,d,c) to --out and "
+            "print one JSON object of results on stdout."
+        ),
+    )
+    parser.add_argument("problem", type=Path, help="an .npz file with arrays X, Y, G")
+    lam = parser.add_mutually_exclusive_group(required=True)
+    lam.add_argument("--lam", type=float, help="regularization strength (>= 0)")
+    lam.add_argument("--lam-frac", type=float, help="lam as a fraction of lam_max (>= 0)")
+    parser.add_argument("--reg", choices=REGULARIZERS, default="coupled")
+    parser.add_argument("--solver", choices=SOLVERS, default="fista")
+    parser.add_argument("--tol", type=float, default=1e-3, help="relative duality gap to reach")
+    parser.add_argument("--max-iters", type=int, default=10_000)
+    parser.add_argument("--skip", action="store_true", help="add an unregularized linear skip")
+    parser.add_argument("--bias", action="store_true", help="add an unregularized bias")
+    parser.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--out", type=Path, required=True, help="where to write SOL.npz")
+    parser.set_defaults(func=run)
+
+
+def load_problem_arrays(path: Path) -> dict:
+    """X, Y, G from an .npz, with one-line errors for everything that can be wrong."""
+    import numpy as np
+
+    from cvxdist.cli import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not an .npz archive (corrupt or another format)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in ("X", "Y", "G") if key not in data.files]
+            if missing:
+                raise UserError(
+                    f"{path}: missing array(s) {', '.join(missing)}; need X (N,d), Y (N,c), G (d,P)"
+                )
+            return {key: data[key] for key in ("X", "Y", "G")}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise UserError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _check_out(path: Path) -> None:
+    from cvxdist.cli import UserError
+
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name like SOL.npz")
+
+
+def _write_atomic(path: Path, arrays: dict) -> None:
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=".cvxdist-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from cvxdist.cli import UserError
+
+    for name in ("lam", "lam_frac", "tol"):
+        value = getattr(args, name)
+        if value is not None and (value != value or value < 0 or value == float("inf")):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.tol <= 0:
+        raise UserError(f"--tol must be positive, got {args.tol}")
+    if args.max_iters < 1:
+        raise UserError(f"--max-iters must be at least 1, got {args.max_iters}")
+    if args.chunk_rows is not None and args.chunk_rows < 1:
+        raise UserError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
+    _check_out(args.out)
+    arrays = load_problem_arrays(args.problem)
+
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    import numpy as np
+
+    from cvxdist.problems import make_problem
+    from cvxdist.solvers import choose_solver, solve
+
+    try:
+        problem = make_problem(
+            arrays["X"],
+            arrays["Y"],
+            arrays["G"],
+            skip=args.skip,
+            bias=args.bias,
+            chunk_rows=args.chunk_rows,
+            dtype=args.dtype,
+        )
+    except ValueError as err:
+        raise UserError(f"{args.problem}: {err}") from None
+    solver = choose_solver(problem) if args.solver == "auto" else args.solver
+    try:
+        solution = solve(
+            problem,
+            args.lam,
+            lam_frac=args.lam_frac,
+            reg=args.reg,
+            solver=solver,
+            tol=args.tol,
+            max_iters=args.max_iters,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    from cvxdist.problems import lam_max
+    from cvxdist.prox import get_regularizer
+
+    stats = solution.stats
+    record = {
+        "objective": float(stats.objective),
+        "iterations": int(stats.iterations),
+        "converged": bool(solution.converged),
+        "certificate": float(stats.rel_gap),
+        "certificate_kind": "relative duality gap",
+        "time_s": float(stats.time_s),
+        "lam": float(stats.lam),
+        "lam_max": float(lam_max(problem, get_regularizer(args.reg))),
+        "dual_objective": float(stats.dual_objective),
+        "subgrad_norm_sq": float(stats.subgrad_norm_sq),
+        "active_gates": int(stats.active_gates),
+        "message": solution.message,
+        "reg": args.reg,
+        "solver": solver,
+        "tol": args.tol,
+        "shape": {
+            "N": problem.num_rows,
+            "d": problem.num_features,
+            "c": problem.num_outputs,
+            "P": problem.num_gates,
+        },
+        "dtype": args.dtype,
+        "devices": [str(device) for device in jax.devices()],
+    }
+    out = {"U": np.asarray(solution.weights.U)}
+    if solution.weights.V is not None:
+        out["V"] = np.asarray(solution.weights.V)
+    if solution.weights.b is not None:
+        out["b"] = np.asarray(solution.weights.b)
+    _write_atomic(args.out, out)
+    json.dump(record, sys.stdout)
+    sys.stdout.write("\n")
+    if not solution.converged:
+        print(f"cvxdist solve: warning: {solution.message}", file=sys.stderr)
+    return 0
