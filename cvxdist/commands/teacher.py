@@ -1,0 +1,122 @@
+"""`cvxdist teacher`: train, evaluate and list teachers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("teacher", help="train, evaluate and list teacher networks")
+    sub = parser.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train a teacher (resumes if --out holds an unfinished run)",
+        description="Train a teacher network. Re-running the same command into the same "
+        "--out continues after the last finished epoch.",
+    )
+    train.add_argument(
+        "--model", required=True, help="resnet20|resnet32|resnet56|resnet18|small_cnn"
+    )
+    train.add_argument("--dataset", required=True, help="digits|fashion_mnist|mnist|idx|tfds:NAME")
+    train.add_argument("--epochs", type=int, required=True)
+    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    train.add_argument("--weight-decay", type=float, default=None)
+    train.add_argument("--no-augment", action="store_true", help="no random crops / flips")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--name", default=None, help="teacher name (default: --out's name)")
+    train.add_argument("--data-dir", default=None, help="dataset folder (IDX or TFDS data_dir)")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(func=run_train)
+
+    evaluate = sub.add_parser("eval", help="print a teacher's test accuracy as JSON")
+    evaluate.add_argument("teacher", metavar="NAME_OR_DIR")
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--limit", type=int, default=None, help="first N test images only")
+    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.set_defaults(func=run_eval)
+
+    listing = sub.add_parser("list", help="shipped teachers as JSON lines")
+    listing.set_defaults(func=run_list)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cvxdist.training import TrainConfig, train_teacher
+
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        augment=not args.no_augment,
+        seed=args.seed,
+    )
+    _check_model(args.model)
+    meta = train_teacher(
+        config, args.out, data_dir=args.data_dir, progress=not args.quiet, name=args.name
+    )
+    summary = {k: meta[k] for k in ("name", "model", "dataset", "test_accuracy", "params")}
+    summary["train_time_s"] = meta.get("train_time_s")
+    print(json.dumps(summary))
+    return 0
+
+
+def _check_model(model: str) -> None:
+    from cvxdist.cli import UserError
+    from cvxdist.teachers import MODEL_NAMES
+
+    if model not in MODEL_NAMES:
+        raise UserError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cvxdist.data import load_dataset
+    from cvxdist.teachers import load_teacher
+
+    teacher = load_teacher(args.teacher)
+    test = load_dataset(teacher.dataset, "test", args.data_dir)
+    if args.limit is not None:
+        test = test.take(slice(0, args.limit))
+    tic = time.perf_counter()
+    accuracy = teacher.accuracy(test.images, test.labels, args.batch_size)
+    print(
+        json.dumps(
+            {
+                "name": teacher.name,
+                "model": teacher.config.model,
+                "dataset": teacher.dataset,
+                "test_accuracy": accuracy,
+                "num_test": len(test),
+                "time_s": round(time.perf_counter() - tic, 3),
+            }
+        )
+    )
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cvxdist.teachers.teacher import METADATA_NAME, SHIPPED_DIR, shipped_teachers
+
+    for name in shipped_teachers():
+        info = json.loads((SHIPPED_DIR / name / METADATA_NAME).read_text())
+        record = {
+            "name": name,
+            "model": info["model"],
+            "dataset": info["dataset"],
+            "test_accuracy": info["test_accuracy"],
+            "params": info.get("params"),
+            "width": info.get("arch", {}).get("width"),
+        }
+        sys.stdout.write(json.dumps(record) + "\n")
+    return 0

@@ -1,0 +1,311 @@
+"""Trained teachers: loading, cut functions (prefix / block / suffix) and splicing.
+
+A teacher directory holds ``teacher.json`` (architecture, dataset, accuracy, cuts, training
+hyperparameters, checkpoint SHA-256) and ``teacher.msgpack`` (the Flax variables
+``{"params", "batch_stats"}``). Shipped teachers live in ``cvxdist/assets/teachers/<name>/``.
+
+Cut semantics: a *block* is the run of segments from cut ``A`` to cut ``B`` inclusive
+(``B = A`` by default). ``prefix`` maps images to the block input (the identity when
+``A = "stem"``), ``block`` maps the block input to its output, and ``suffix`` maps the block
+output to logits (the identity when ``B = "head"``). All three are jitted pure functions
+``f(variables, array) -> array`` with BatchNorm in inference mode, and
+``suffix(v, block(v, prefix(v, x))) == teacher(v, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvxdist.cli import UserError
+from cvxdist.teachers.checkpoint import CheckpointError, file_sha256, load_tree, save_tree
+from cvxdist.teachers.models import ArchConfig, CutNetwork, build_model
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "teachers"
+CHECKPOINT_NAME = "teacher.msgpack"
+METADATA_NAME = "teacher.json"
+
+ArrayFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
+
+
+class UnknownCutError(UserError, ValueError):
+    """A cut name that the teacher does not have; the message lists the valid ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CutFunctions:
+    """Jitted ``f(variables, array)`` functions around the block ``start..stop``."""
+
+    start: str
+    stop: str
+    prefix: ArrayFn
+    block: ArrayFn
+    suffix: ArrayFn
+
+
+def init_variables(config: ArchConfig, image_shape: tuple[int, int, int], seed: int = 0) -> Any:
+    """Freshly initialized ``{"params", "batch_stats"}`` for images of ``(H, W, C)``."""
+    model = build_model(config)
+    return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32))
+
+
+def variables_template(config: ArchConfig, image_shape: tuple[int, int, int]) -> Any:
+    """Shapes/dtypes of the variables, without computing anything (for checkpoint checks)."""
+    model = build_model(config)
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
+    )
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree."""
+    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Teacher:
+    """A trained teacher: model, variables, metadata and cut functions.
+
+    Attributes: ``name``; ``config`` (`ArchConfig`); ``variables`` (``{"params",
+    "batch_stats"}``); ``info`` (the ``teacher.json`` dict); ``checkpoint_sha256``.
+    """
+
+    name: str
+    config: ArchConfig
+    variables: Any
+    info: dict[str, Any]
+    checkpoint_sha256: str
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> CutNetwork:
+        return build_model(self.config)
+
+    @property
+    def cuts(self) -> tuple[str, ...]:
+        """Valid cut names, in network order."""
+        return self.model.cuts
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.info["image_shape"])  # type: ignore[return-value]
+
+    @property
+    def dataset(self) -> str:
+        return self.info["dataset"]
+
+    def resolve(self, cut: str, to: str | None = None) -> tuple[int, int]:
+        """Indices ``(start, stop)`` of the block ``cut..to`` (inclusive); validates names."""
+        names = self.cuts
+        for name in (cut, to):
+            if name is not None and name not in names:
+                raise UnknownCutError(
+                    f"unknown cut {name!r} for {self.config.model}; valid cuts: " + ", ".join(names)
+                )
+        start = names.index(cut)
+        stop = start if to is None else names.index(to)
+        if stop < start:
+            raise UnknownCutError(
+                f"cut {to!r} comes before {cut!r}; valid order: {', '.join(names)}"
+            )
+        return start, stop
+
+    def _segments(self, first: int, last: int) -> ArrayFn:
+        """Pure ``f(variables, x)`` running segments ``first..last`` (identity if empty)."""
+        names = self.cuts
+        model = self.model
+
+        def run(variables: Any, x: jnp.ndarray) -> jnp.ndarray:
+            if first > last:
+                return x
+            return model.apply(variables, x, start=names[first], stop=names[last])
+
+        return run
+
+    def cut_functions(self, cut: str, to: str | None = None) -> CutFunctions:
+        """Jitted prefix / block / suffix functions for the block ``cut..to``."""
+        start, stop = self.resolve(cut, to)
+        key = ("cut", start, stop)
+        if key not in self._cache:
+            last = len(self.cuts) - 1
+            self._cache[key] = CutFunctions(
+                start=self.cuts[start],
+                stop=self.cuts[stop],
+                prefix=jax.jit(self._segments(0, start - 1)),
+                block=jax.jit(self._segments(start, stop)),
+                suffix=jax.jit(self._segments(stop + 1, last)),
+            )
+        return self._cache[key]
+
+    @property
+    def apply(self) -> ArrayFn:
+        """Jitted full forward ``f(variables, images) -> logits``."""
+        if "apply" not in self._cache:
+            self._cache["apply"] = jax.jit(self._segments(0, len(self.cuts) - 1))
+        return self._cache["apply"]
+
+    def splice(
+        self, replacement: Callable[[jnp.ndarray], jnp.ndarray], cut: str, to: str | None = None
+    ) -> ArrayFn:
+        """Jitted ``f(variables, images) -> logits`` with block ``cut..to`` replaced.
+
+        ``replacement`` maps a block input to a block output (same shapes as the teacher's
+        block). To keep student weights as traced arguments instead of constants, compose
+        `cut_functions` yourself: ``fns.suffix(v, student(w, fns.prefix(v, x)))``.
+        """
+        fns = self.cut_functions(cut, to)
+        return jax.jit(
+            lambda variables, x: fns.suffix(variables, replacement(fns.prefix(variables, x)))
+        )
+
+    def block_variables(self, cut: str, to: str | None = None) -> dict[str, Any]:
+        """The variables of block ``cut..to``: ``{collection: {segment: subtree}}``."""
+        start, stop = self.resolve(cut, to)
+        names = self.cuts[start : stop + 1]
+        return {
+            col: {n: tree[n] for n in names if n in tree} for col, tree in self.variables.items()
+        }
+
+    def block_params(self, cut: str, to: str | None = None) -> int:
+        """Trainable parameter count of block ``cut..to`` (BatchNorm scale/bias included)."""
+        return count_params(self.block_variables(cut, to).get("params", {}))
+
+    def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Logits ``(N, classes)`` for images ``(N, H, W, C)``, in fixed-size jitted batches."""
+        return np.concatenate(list(batched_apply(self.apply, self.variables, images, batch_size)))
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+        """Top-1 accuracy on ``(images, labels)``."""
+        return float(np.mean(self.predict(images, batch_size).argmax(-1) == labels))
+
+
+def batched_apply(
+    fn: Callable[[Any, jnp.ndarray], Any],
+    variables: Any,
+    images: np.ndarray,
+    batch_size: int,
+    progress: bool = False,
+    desc: str | None = None,
+) -> Iterator[Any]:
+    """Yield ``fn(variables, batch)`` as numpy (a pytree of arrays), batch by batch.
+
+    The last batch is padded to ``batch_size`` and every output leaf is trimmed back to the
+    valid examples along axis 0, so ``fn`` compiles once. The next batch is dispatched
+    before the previous result is copied to host. ``progress`` shows a tqdm bar (images).
+    """
+    from tqdm.auto import tqdm
+
+    n = len(images)
+    batch_size = max(1, min(batch_size, n))
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    pending = None
+    try:
+        for begin in range(0, n, batch_size):
+            batch = np.asarray(images[begin : begin + batch_size])
+            valid = len(batch)
+            if valid < batch_size:
+                fill = np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, fill])
+            result = fn(variables, batch)
+            if pending is not None:
+                yield _trim(*pending)
+                bar.update(pending[1])
+            pending = (result, valid)
+        if pending is not None:
+            yield _trim(*pending)
+            bar.update(pending[1])
+    finally:
+        bar.close()
+
+
+def _trim(tree: Any, valid: int) -> Any:
+    return jax.tree.map(lambda leaf: np.asarray(leaf)[:valid], tree)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_teacher(
+    directory: str | os.PathLike, config: ArchConfig, variables: Any, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``teacher.msgpack`` and ``teacher.json`` into ``directory``; returns the json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    sha = save_tree(directory / CHECKPOINT_NAME, variables)
+    model = build_model(config)
+    meta = {
+        **info,
+        "model": config.model,
+        "arch": config.to_json(),
+        "params": count_params(variables["params"]),
+        "cuts": list(model.cuts),
+        "checkpoint": CHECKPOINT_NAME,
+        "checkpoint_sha256": sha,
+    }
+    (directory / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def shipped_teachers() -> list[str]:
+    """Names of the teachers shipped with the package."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / METADATA_NAME).is_file())
+
+
+def teacher_dir(name_or_dir: str | os.PathLike) -> Path:
+    """The directory of a shipped teacher name or a teacher directory path."""
+    path = Path(name_or_dir)
+    if (path / METADATA_NAME).is_file():
+        return path
+    shipped = SHIPPED_DIR / str(name_or_dir)
+    if os.sep not in str(name_or_dir) and (shipped / METADATA_NAME).is_file():
+        return shipped
+    raise UserError(
+        f"no teacher {str(name_or_dir)!r}: not a directory with {METADATA_NAME} nor a shipped "
+        f"teacher ({', '.join(shipped_teachers()) or 'none shipped'})"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(directory: str, sha: str) -> Teacher:
+    path = Path(directory)
+    info = json.loads((path / METADATA_NAME).read_text())
+    config = ArchConfig.from_json(info["arch"])
+    template = variables_template(config, tuple(info["image_shape"]))
+    variables = load_tree(path / info.get("checkpoint", CHECKPOINT_NAME), template, sha)
+    variables = jax.tree.map(jnp.asarray, variables)
+    return Teacher(info.get("name", path.name), config, variables, info, sha)
+
+
+def load_teacher(name_or_dir: str | os.PathLike) -> Teacher:
+    """Load a shipped teacher by name, or a teacher directory written by ``teacher train``.
+
+    Raises `CheckpointError` (one line) for a missing, truncated or corrupt checkpoint.
+    """
+    directory = teacher_dir(name_or_dir)
+    try:
+        info = json.loads((directory / METADATA_NAME).read_text())
+        sha = info["checkpoint_sha256"]
+        info["arch"], info["image_shape"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{directory / METADATA_NAME} is not a valid teacher file: {err}"
+        ) from None
+    ckpt = directory / info.get("checkpoint", CHECKPOINT_NAME)
+    if ckpt.is_file() and file_sha256(ckpt) != sha:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt or truncated: its SHA-256 does not match {METADATA_NAME}"
+        )
+    return _load_cached(str(directory.resolve()), sha)
