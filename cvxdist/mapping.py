@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -79,7 +80,7 @@ def to_network(
     w_in = (left[gate_idx, :, rank_idx] * root[:, None]).T  # (d, K)
     w_out = right[gate_idx, rank_idx, :] * root[:, None]  # (K, c)
     used, neuron_gate = np.unique(gate_idx, return_inverse=True)
-    dtype = U.dtype
+    dtype = jax.dtypes.canonicalize_dtype(U.dtype)
     return GatedNetwork(
         gates=jnp.asarray(G[:, used], dtype),
         neuron_gate=jnp.asarray(neuron_gate.astype(np.int32)),

@@ -171,14 +171,15 @@ def make_problem(
         bias: add an unregularized bias ``b (c,)``.
         chunk_rows: rows per chunk; default keeps the ``(n, P, c)`` intermediate ≤ 256 MiB.
         store_masks: store boolean masks (default: when ``N · P`` ≤ 2 GiB).
-        dtype: float dtype of the problem (default: X's dtype if floating, else float32).
+        dtype: float dtype (default: X's float dtype, canonicalized as JAX does).
 
     Raises:
         ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size.
     """
     X, Y, G = validate_arrays(X, Y, G)
-    if dtype is None:
-        dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+    if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
+        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+        dtype = jax.dtypes.canonicalize_dtype(floating)
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
         raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
