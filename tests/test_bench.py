@@ -1,0 +1,127 @@
+"""`cvxdist bench solvers` and the pyscnn comparison it rests on.
+
+pyscnn is a test dependency here (CI installs it with `make setup-bench`): without it these tests
+fail with a message saying so, they do not skip.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvxdist.cli import main
+from cvxdist.commands import bench as bench_command
+
+
+def _require_pyscnn() -> None:
+    try:
+        import scnn  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        pytest.fail(
+            f"pyscnn (and torch) must be installed for the benchmark tests: {err}. "
+            "Install them with `make setup-bench`."
+        )
+
+
+@pytest.fixture(scope="module")
+def bench():
+    _require_pyscnn()
+    return bench_command.load_benchmark("solvers")
+
+
+def test_quick_benchmark_writes_results_and_both_tools_reach_the_gap(tmp_path, capsys):
+    _require_pyscnn()
+    out = tmp_path / "bench"
+    assert main(["bench", "solvers", "--quick", "--out", str(out)]) == 0
+    assert "| problem |" in capsys.readouterr().out
+    payload = json.loads((out / "solvers.json").read_text())
+    assert (out / "solvers.md").read_text().startswith("# R-FISTA")
+
+    machine = payload["machine"]
+    for key in ("cpu_model", "usable_cores", "date_utc", "load_average_at_start"):
+        assert machine[key], key
+    for package in ("jax", "pyscnn", "torch"):
+        assert machine["versions"][package], package
+    assert payload["threads"]["torch_num_threads"] == machine["usable_cores"]
+    assert payload["settings"]["target_gap"] == 1e-3
+
+    (problem,) = payload["problems"]
+    target = payload["settings"]["target_gap"]
+    ours, scnn = problem["cvxdist"], problem["pyscnn"]
+    # Both reached the gap, as computed by the benchmark in float64 from the returned weights.
+    assert ours["reached_target"] and 0 <= ours["rel_gap"] <= target
+    assert scnn["reached_target"] and 0 <= scnn["rel_gap"] <= target
+    assert ours["iterations"] > 0 and scnn["iterations"] > 0
+    for key in ("time_with_compile_s", "time_steady_s", "time_per_iteration_s"):
+        assert ours[key] > 0, key
+    assert ours["time_with_compile_s"] >= ours["time_steady_s"]
+    assert scnn["time_s"] > 0
+    # The λ/scaling conversion holds at pyscnn's iterate: c · F_scnn = F_ours.
+    assert scnn["scaling_check_rel_err"] < 1e-5
+    assert problem["gemm"]["gemm_s"] > 0 and problem["profile"]["iterations"] > 0
+    for key in ("speedup_steady", "speedup_with_compile", "iteration_over_gemm"):
+        assert problem[key] > 0, key
+    summary = payload["summary"]
+    assert summary["both_reached_target"] is True
+    assert isinstance(summary["meets_speedup_target"], bool)
+    assert isinstance(summary["meets_iteration_target"], bool)
+
+
+def test_same_optimum_as_pyscnn_after_the_lambda_conversion(bench, x64):
+    """Tiny problem solved tightly by both in float64: the optima agree, which checks that
+    λ_scnn = λ / c and F_ours = c · F_scnn (NeuronGL1 is one_vs_all). With a wrong conversion
+    pyscnn's iterates would not approach a gap of 1e-7 for our λ at all."""
+    from cvxdist import operators
+    from cvxdist.problems import make_problem
+    from cvxdist.solvers import solve
+
+    spec = bench.ProblemSpec("tiny", N=60, d=5, c=2, P=8, seed=3)
+    inst = bench.make_instance(spec)
+    evaluator = bench.GapEvaluator(inst)
+    lam = 0.1 * evaluator.lam_max
+    problem = make_problem(inst.X, inst.Y, inst.G, dtype=jnp.float64)
+    ours = solve(problem, lam, reg="one_vs_all", tol=1e-10, max_iters=100_000)
+    assert bool(ours.converged), ours.message
+    # pyscnn's line search stalls near a relative gap of 1e-8 on this problem, even in float64.
+    scnn = bench.run_pyscnn(
+        inst, lam, evaluator, target=1e-7, dtype="float64", max_iters=5_000, time_limit_s=60
+    )
+    assert scnn["reached_target"], "pyscnn never reached gap 1e-7 for our λ: conversion wrong?"
+
+    F_ours = evaluator(ours.U, lam)["objective"]
+    assert abs(scnn["objective"] - F_ours) / F_ours < 1e-4
+    assert scnn["scaling_check_rel_err"] < 1e-10
+
+    # Independent numpy objective of our weights, in our 1/(2N) convention.
+    U = np.asarray(ours.U)
+    pred = np.einsum("np,npc->nc", inst.masks, np.einsum("nd,pdc->npc", inst.X, U))
+    F_np = 0.5 * np.sum((pred - inst.Y) ** 2) / spec.N + lam * np.sum(np.linalg.norm(U, axis=1))
+    assert abs(F_np - F_ours) / F_ours < 1e-12
+
+    # The optimal predictions are unique (strictly convex loss in the predictions).
+    pred_scnn = operators.forward(problem, jnp.asarray(scnn["U"]))
+    pred_ours = operators.forward(problem, ours.U)
+    rel = np.linalg.norm(pred_scnn - pred_ours) / np.linalg.norm(pred_ours)
+    assert rel <= 1e-2, rel
+
+
+def test_bench_without_a_source_checkout_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_command, "benchmarks_root", lambda: tmp_path)
+    assert main(["bench", "solvers", "--quick", "--out", str(tmp_path / "o")]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_problem_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "solvers", "--only", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown problem" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_without_a_benchmark_prints_help(capsys):
+    assert main(["bench"]) == 2
+    assert "solvers" in capsys.readouterr().out
