@@ -1,0 +1,58 @@
+"""`cvxdist distill`: replace teacher stages by convex students, label-free."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="dataset (default: the teacher's own)")
+    parser.add_argument("--data-dir", default=None, help="folder of the dataset files")
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cut", default=None, help="first stage to replace (default: last)")
+    parser.add_argument("--to", default=None, help="last stage to replace (default: --cut)")
+    parser.add_argument("--gates", type=int, default=128, help="gates sampled per stage")
+    parser.add_argument("--lam-frac", type=float, default=None, help="λ as a fraction of λ_max")
+    parser.add_argument(
+        "--lam-path",
+        type=float,
+        nargs="+",
+        default=None,
+        help="λ fractions to try; the smallest student within --agreement-tol of the best "
+        "held-out teacher agreement is kept (label-free selection)",
+    )
+    parser.add_argument("--agreement-tol", type=float, default=0.01)
+    parser.add_argument("--reg", choices=("coupled", "nuclear"), default="nuclear")
+    parser.add_argument("--solver", choices=("fista", "admm", "auto"), default="auto")
+    parser.add_argument("--tol", type=float, default=1e-3, help="relative duality gap")
+    parser.add_argument("--max-iters", type=int, default=3000)
+    parser.add_argument("--samples-per-class", type=int, default=None, help="default: all")
+    parser.add_argument("--max-rows", type=int, default=40_000, help="rows per stage problem")
+    parser.add_argument("--input-variance", type=float, default=0.999)
+    parser.add_argument("--output-variance", type=float, default=0.995)
+    parser.add_argument("--no-skip", action="store_true", help="no linear skip in the student")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="replace teacher stages by convex gated-ReLU students (label-free)",
+        description="Distill stages --cut..--to of a teacher into convex students and "
+        "evaluate the spliced network (labels are read only for the evaluation).",
+    )
+    parser.add_argument("--teacher", required=True, help="shipped teacher name or folder")
+    add_data_arguments(parser)
+    add_distill_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cvxdist.distill.runner import run_distill
+
+    return run_distill(args)

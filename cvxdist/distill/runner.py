@@ -1,0 +1,351 @@
+"""What the `distill`, `evaluate` and `demo` commands do (kept out of the CLI parsers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvxdist.cli import UserError
+
+#: The demo's teacher, and its fallback when Fashion-MNIST is not installed.
+DEMO_TEACHER = "fmnist-resnet"
+DEMO_FALLBACK = "digits-cnn"
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def load_teacher_and_data(
+    teacher_name: str, dataset: str | None, data_dir: str | None
+) -> tuple[Any, Any, Any]:
+    """Teacher, train and test splits; checks that the dataset fits the teacher."""
+    from cvxdist.data import load_dataset
+    from cvxdist.teachers import load_teacher
+
+    teacher = load_teacher(teacher_name)
+    name = dataset or teacher.dataset
+    train = load_dataset(name, "train", data_dir)
+    test = load_dataset(name, "test", data_dir)
+    expected = tuple(teacher.image_shape)
+    if tuple(train.images.shape[1:]) != expected:
+        raise UserError(
+            f"teacher {teacher.name!r} takes images of shape {expected} but dataset {name!r} "
+            f"has {tuple(train.images.shape[1:])}"
+        )
+    classes = teacher.info.get("num_classes", teacher.config.num_classes)
+    if train.num_classes != classes:
+        raise UserError(
+            f"teacher {teacher.name!r} has {classes} classes but dataset {name!r} has "
+            f"{train.num_classes}"
+        )
+    return teacher, train, test
+
+
+def _default_cut(teacher: Any) -> str:
+    """The last stage before the head."""
+    return [c for c in teacher.cuts if c not in ("head", "stem")][-1]
+
+
+def _check_positive(name: str, value: float | None, strict: bool = True) -> None:
+    if value is None:
+        return
+    if not np.isfinite(value) or (value <= 0 if strict else value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise UserError(f"{name} must be a finite number {bound}, got {value}")
+
+
+def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
+    from cvxdist.distill.pipeline import DistillConfig
+
+    _check_positive("--lam-frac", args.lam_frac, strict=False)
+    for value in args.lam_path or ():
+        _check_positive("--lam-path", value, strict=False)
+    if args.gates < 1:
+        raise UserError(f"--gates must be at least 1, got {args.gates}")
+    return DistillConfig(
+        cut=cut,
+        to=args.to,
+        gates=args.gates,
+        reg=args.reg,
+        lam_frac=0.02 if args.lam_frac is None else args.lam_frac,
+        lam_path=tuple(args.lam_path) if args.lam_path else None,
+        agreement_tol=args.agreement_tol,
+        solver=args.solver,
+        tol=args.tol,
+        max_iters=args.max_iters,
+        max_rows=args.max_rows,
+        input_variance=args.input_variance,
+        output_variance=args.output_variance,
+        skip=not args.no_skip,
+        seed=args.seed,
+    )
+
+
+def _subset(train: Any, per_class: int | None, seed: int) -> Any:
+    from cvxdist.data import samples_per_class
+
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--samples-per-class must be at least 1, got {per_class}")
+    subset = samples_per_class(train, per_class, seed)
+    if len(subset) == 0:
+        raise UserError("the training subset is empty")
+    return subset
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from cvxdist.data import holdout_split
+    from cvxdist.distill.io import check_output_dir, save_students, staged_output
+    from cvxdist.distill.pipeline import distill, evaluate_spliced, stages_of
+
+    check_output_dir(args.out)
+    if args.samples_per_class is not None and args.samples_per_class < 1:
+        raise UserError(f"--samples-per-class must be at least 1, got {args.samples_per_class}")
+    teacher, train, test = load_teacher_and_data(args.teacher, args.dataset, args.data_dir)
+    cut = args.cut or _default_cut(teacher)
+    stages = stages_of(teacher, cut, args.to)  # validates the cut names
+    config = _config_from_args(args, cut)
+    subset = _subset(train, args.samples_per_class, args.seed)
+    holdout = None
+    if config.lam_path:
+        subset, held = holdout_split(subset, 0.1, args.seed)
+        holdout = held.images
+    start = time.perf_counter()
+    students = distill(
+        teacher,
+        subset.images,
+        config,
+        holdout_images=holdout,
+        progress=not args.quiet,
+        log=lambda m: _say(args.quiet, m),
+    )
+    solve_time = time.perf_counter() - start
+    metrics = evaluate_spliced(teacher, students, cut, args.to, test.images, test.labels)
+    result = {
+        "teacher": teacher.name,
+        "dataset": train.name,
+        "cut": cut,
+        "to": stages[-1],
+        "samples_per_class": args.samples_per_class,
+        "train_images": len(subset),
+        "config": {k: v for k, v in vars(config).items()},
+        "time_s": solve_time,
+        **metrics,
+        "stages": [{"stage": s.stage, **s.report} for s in students],
+    }
+    with staged_output(args.out) as tmp:
+        save_students(tmp, students, {"teacher": teacher.name, "cut": cut, "to": stages[-1]})
+        (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
+        _plot_distill(result, tmp / "plot.png")
+    summary = {k: result[k] for k in ("accuracy", "teacher_accuracy", "agreement")}
+    summary.update(block_params=result["block_params"], compression=result["compression"])
+    print(json.dumps(summary))
+    return 0
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(type(value).__name__)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import load_students
+    from cvxdist.distill.pipeline import evaluate_spliced
+
+    students, info = load_students(args.student)
+    teacher, train, test = load_teacher_and_data(info["teacher"], args.dataset, args.data_dir)
+    data = test if args.split == "test" else train
+    images, labels = data.images, data.labels
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {args.limit}")
+        images, labels = images[: args.limit], labels[: args.limit]
+    metrics = evaluate_spliced(teacher, students, info["cut"], info["to"], images, labels)
+    print(json.dumps({"teacher": teacher.name, "cut": info["cut"], "to": info["to"], **metrics}))
+    return 0
+
+
+def _plot_distill(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    path_points = [p for stage in result["stages"] for p in stage.get("path", [])]
+    if path_points:
+        ax.plot(
+            [p["params"] for p in path_points],
+            [p["holdout_agreement"] for p in path_points],
+            "o-",
+            label="λ path (held-out agreement)",
+        )
+        ax.set_ylabel("agreement with teacher (held-out train images)")
+    ax.axvline(result["teacher_block_params"], color="gray", ls="--", label="teacher block")
+    ax.scatter([result["block_params"]], [result["agreement"]], color="C3", zorder=3)
+    ax.annotate(
+        f"student: acc {result['accuracy']:.3f}\nteacher: {result['teacher_accuracy']:.3f}",
+        (result["block_params"], result["agreement"]),
+    )
+    ax.set_xlabel("block parameters (gates included)")
+    ax.set_title(f"{result['teacher']}: {result['cut']}..{result['to']} replaced")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _demo_settings(quick: bool, fallback: bool) -> dict[str, Any]:
+    if quick:
+        return {"samples_per_class": 20, "gates": 32, "max_rows": 3000, "adam_steps": 300}
+    if fallback:
+        return {"samples_per_class": None, "gates": 96, "max_rows": 20_000, "adam_steps": 1500}
+    return {"samples_per_class": 100, "gates": 128, "max_rows": 30_000, "adam_steps": 1500}
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from cvxdist.baselines import (
+        AdamConfig,
+        matched_hidden,
+        relu_student_variables,
+        train_relu_head,
+    )
+    from cvxdist.data import DatasetNotFoundError
+    from cvxdist.distill.io import check_output_dir, save_students, staged_output
+    from cvxdist.distill.pipeline import (
+        BlockStudent,
+        DistillConfig,
+        evaluate_spliced,
+        prepare_block,
+        solve_prepared,
+    )
+    from cvxdist.distill.student import parameter_count
+    from cvxdist.teachers import shipped_teachers
+
+    check_output_dir(args.out)
+    quiet = args.quiet
+    note = None
+    name = args.teacher or (DEMO_FALLBACK if args.quick else DEMO_TEACHER)
+    if name == DEMO_TEACHER and DEMO_TEACHER not in shipped_teachers():
+        name, note = DEMO_FALLBACK, f"the shipped teacher {DEMO_TEACHER!r} is missing"
+    try:
+        teacher, train, test = load_teacher_and_data(name, None, None)
+    except DatasetNotFoundError as err:
+        if name != DEMO_TEACHER:
+            raise
+        note = f"Fashion-MNIST is not installed ({err}); using scikit-learn's digits instead"
+        name = DEMO_FALLBACK
+        teacher, train, test = load_teacher_and_data(name, None, None)
+    if note:
+        _say(False, f"cvxdist demo: {note}")
+    settings = _demo_settings(args.quick, name == DEMO_FALLBACK)
+    per_class = args.samples_per_class or settings["samples_per_class"]
+    subset = _subset(train, per_class, args.seed)
+    cut = _default_cut(teacher)
+    config = DistillConfig(
+        cut=cut, gates=settings["gates"], max_rows=settings["max_rows"], seed=args.seed
+    )
+    _say(quiet, f"teacher {teacher.name}: distilling {cut} from {len(subset)} images")
+    start = time.perf_counter()
+    block = prepare_block(teacher, subset.images, cut, config, progress=not quiet)
+    prepare_time = time.perf_counter() - start
+    start = time.perf_counter()
+    convex = solve_prepared(
+        teacher, block, config, (config.lam_frac,), progress=not quiet, log=lambda m: _say(quiet, m)
+    )
+    convex_time = time.perf_counter() - start + prepare_time
+    # The non-convex student: same rows, same reductions, same parameter count, Adam.
+    info = block.row_info
+    shared = convex.report["params"] - _gated_core_params(convex)
+    hidden = matched_hidden(
+        convex.report["params"], block.rows.shape[1], block.targets.shape[1], shared
+    )
+    start = time.perf_counter()
+    params, adam = train_relu_head(
+        block.rows,
+        block.targets,
+        hidden,
+        AdamConfig(steps=settings["adam_steps"], seed=args.seed),
+        skip=config.skip,
+        progress=not quiet,
+    )
+    module, variables = relu_student_variables(
+        params,
+        block.reduction,
+        in_channels=int(info["input_shape"][-1]),
+        out_channels=int(info["output_shape"][-1]),
+        kernel_size=int(info["kernel_size"]),
+        stride=int(info["stride"]),
+    )
+    relu_time = time.perf_counter() - start + prepare_time
+    relu = BlockStudent(
+        cut, module, variables, {"params": parameter_count(variables), "adam": adam}
+    )
+    _say(quiet, "evaluating on the test split")
+    rows = []
+    for method, student, seconds in (
+        ("convex (gated ReLU, certified)", convex, convex_time),
+        ("non-convex (ReLU, Adam)", relu, relu_time),
+    ):
+        metrics = evaluate_spliced(teacher, [student], cut, None, test.images, test.labels)
+        rows.append({"method": method, "time_s": seconds, **metrics})
+    result = {
+        "teacher": teacher.name,
+        "dataset": train.name,
+        "cut": cut,
+        "note": note,
+        "teacher_accuracy": rows[0]["teacher_accuracy"],
+        "teacher_block_params": rows[0]["teacher_block_params"],
+        "samples_per_class": per_class,
+        "train_images": len(subset),
+        "students": rows,
+        "convex_solve": {k: v for k, v in convex.report.items() if k != "path"},
+        "adam": {k: v for k, v in adam.items() if k != "history"},
+    }
+    with staged_output(args.out) as tmp:
+        save_students(tmp, [convex], {"teacher": teacher.name, "cut": cut, "to": cut})
+        (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
+        (tmp / "table.md").write_text(demo_table(result))
+    print(demo_table(result))
+    return 0
+
+
+def _gated_core_params(student: Any) -> int:
+    """Parameters of the gated layers proper (gates, both layers), without the reductions."""
+    params = student.variables["params"]
+    return sum(int(np.size(params[k])) for k in ("gates", "w_in", "w_out") if k in params)
+
+
+def demo_table(result: dict[str, Any]) -> str:
+    """Markdown table of teacher vs students."""
+    lines = [
+        f"Teacher `{result['teacher']}` on {result['dataset']}, stage `{result['cut']}` "
+        f"replaced, {result['train_images']} training images, no labels, no fine-tuning.",
+        "",
+        "| model | test accuracy | agreement | block params | block FLOPs | time (s) |",
+        "|---|---|---|---|---|---|",
+        f"| teacher | {result['teacher_accuracy']:.4f} | 1.0000 | "
+        f"{result['teacher_block_params']} | "
+        f"{result['students'][0]['teacher_block_flops']:.3g} | |",
+    ]
+    for row in result["students"]:
+        lines.append(
+            f"| {row['method']} | {row['accuracy']:.4f} | {row['agreement']:.4f} | "
+            f"{row['block_params']} | {row['block_flops']:.3g} | {row['time_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+r"""Deployable student blocks (Flax) built from solved convex problems.
+
+Conv-block student, for a teacher block ``z (B, H, W, C_in) -> y (B, H', W', C_out)`` with
+stride ``s`` and a ``k×k`` receptive field::
+
+    a = conv_k,s(z; W_proj) + b_proj            (d' channels: the reduced patch features;
+                                                 the raw k·k·C_in patch when not reduced)
+    h = (a W_in) ⊙ 1[a G ≥ 0][:, neuron_gate]   (K neurons, Q distinct fixed gates)
+    o = h W_out + a V + b                        (c' reduced outputs)
+    y = o E + e                                  (E: back to C_out channels, if reduced)
+
+Every matrix acts per location, so ``G``, ``W_in``, ``V`` are 1×1 convolutions on ``a`` and
+``W_out``, ``E`` are 1×1 convolutions: the paper's ``conv1x1(conv_k(z) ⊙ 1[gate_conv_k(z) ≥ 0])``
+with the input projection factored out. On the rows of the convex problem (``a`` at every
+output location) the block computes exactly the convex model's prediction.
+
+Head student: the same network on globally average-pooled features (no convolution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvxdist.mapping import GatedNetwork
+
+
+def _zeros(shape: tuple[int, ...]) -> Any:
+    return lambda *_: jnp.zeros(shape, jnp.float32)
+
+
+class GatedStudent(nn.Module):
+    """A gated two-layer student block (see the module docstring).
+
+    Attributes (static): ``in_channels``, ``out_channels``, ``kernel_size`` and ``stride``
+    (``kernel_size = 0`` means a head student on pooled features), ``reduced_in`` (``d'``;
+    ``None``: raw patch features), ``reduced_out`` (``c'``; ``None``: no output expansion),
+    ``neuron_gate`` (gate index of each neuron), ``num_gates``, ``skip``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    reduced_in: int | None
+    reduced_out: int | None
+    neuron_gate: tuple[int, ...]
+    num_gates: int
+    skip: bool
+
+    @property
+    def features(self) -> int:
+        if self.reduced_in is not None:
+            return self.reduced_in
+        k = max(self.kernel_size, 1)
+        return k * k * self.in_channels
+
+    @property
+    def outputs(self) -> int:
+        return self.reduced_out if self.reduced_out is not None else self.out_channels
+
+    @nn.compact
+    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
+        d, c, K = self.features, self.outputs, len(self.neuron_gate)
+        a = self._features(z)
+        gates = self.param("gates", _zeros((d, self.num_gates)))
+        w_in = self.param("w_in", _zeros((d, K)))
+        w_out = self.param("w_out", _zeros((K, c)))
+        bias = self.param("bias", _zeros((c,)))
+        masks = (a @ gates >= 0)[..., jnp.asarray(self.neuron_gate, jnp.int32)]
+        out = ((a @ w_in) * masks) @ w_out + bias
+        if self.skip:
+            out = out + a @ self.param("skip", _zeros((d, c)))
+        if self.reduced_out is not None:
+            expand = self.param("expand", _zeros((c, self.out_channels)))
+            out = out @ expand + self.param("expand_bias", _zeros((self.out_channels,)))
+        return out
+
+    def _features(self, z: jnp.ndarray) -> jnp.ndarray:
+        if self.kernel_size == 0:  # head student: global average pooling
+            a = z.mean(axis=(1, 2)) if z.ndim == 4 else z
+            if self.reduced_in is None:
+                return a
+            proj = self.param("proj", _zeros((self.in_channels, self.reduced_in)))
+            return a @ proj + self.param("proj_bias", _zeros((self.reduced_in,)))
+        k, s = self.kernel_size, self.stride
+        if self.reduced_in is None:
+            from cvxdist.streaming import image_patches
+
+            return image_patches(z, k, s)
+        proj = self.param("proj", _zeros((k, k, self.in_channels, self.reduced_in)))
+        a = jax.lax.conv_general_dilated(
+            z,
+            proj.astype(z.dtype),
+            window_strides=(s, s),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return a + self.param("proj_bias", _zeros((self.reduced_in,)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """Centering and orthonormal bases of the reduced input/output spaces.
+
+    ``rows_reduced = (rows - in_mean) @ in_basis`` (``in_basis (D, d')``, or ``None``: rows are
+    only centered) and ``targets ≈ out_mean + targets_reduced @ out_basis.T`` (``out_basis
+    (C, c')`` or ``None``). ``*_kept`` are the fractions of variance kept.
+    """
+
+    in_mean: np.ndarray
+    in_basis: np.ndarray | None
+    out_mean: np.ndarray
+    out_basis: np.ndarray | None
+    in_kept: float = 1.0
+    out_kept: float = 1.0
+
+    def rows(self, raw: np.ndarray) -> np.ndarray:
+        centered = raw - self.in_mean
+        return centered if self.in_basis is None else centered @ self.in_basis
+
+    def targets(self, raw: np.ndarray) -> np.ndarray:
+        centered = raw - self.out_mean
+        return centered if self.out_basis is None else centered @ self.out_basis
+
+
+def student_from_network(
+    net: GatedNetwork,
+    reduction: Reduction,
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+) -> tuple[GatedStudent, dict[str, Any]]:
+    """The Flax student and its ``params`` reproducing ``net`` on reduced rows.
+
+    ``kernel_size = 0`` builds a head student on pooled features.
+    """
+    reduced_in = None if reduction.in_basis is None else reduction.in_basis.shape[1]
+    reduced_out = None if reduction.out_basis is None else reduction.out_basis.shape[1]
+    d = net.w_in.shape[0]
+    c = net.w_out.shape[1]
+    module = GatedStudent(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        reduced_in=reduced_in,
+        reduced_out=reduced_out,
+        neuron_gate=tuple(int(i) for i in np.asarray(net.neuron_gate)),
+        num_gates=int(net.gates.shape[1]),
+        skip=net.skip is not None,
+    )
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)  # noqa: E731
+    params: dict[str, Any] = {
+        "gates": f32(net.gates),
+        "w_in": f32(net.w_in),
+        "w_out": f32(net.w_out),
+        "bias": f32(np.zeros(c) if net.bias is None else net.bias),
+    }
+    if net.skip is not None:
+        params["skip"] = f32(net.skip)
+    # Centering folds into the projection bias: a = (patch - mean) @ B = patch @ B - mean @ B.
+    if reduced_in is not None:
+        basis = reduction.in_basis
+        params["proj_bias"] = f32(-reduction.in_mean @ basis)
+        if kernel_size == 0:
+            params["proj"] = f32(basis)
+        else:
+            params["proj"] = f32(basis.reshape(kernel_size, kernel_size, in_channels, d))
+    elif np.any(reduction.in_mean != 0):
+        raise ValueError("rows without an input basis must not be centered (in_mean = 0)")
+    if reduced_out is not None:
+        params["expand"] = f32(reduction.out_basis.T)
+        params["expand_bias"] = f32(reduction.out_mean)
+    elif np.any(reduction.out_mean != 0):
+        params["bias"] = f32(np.asarray(params["bias"]) + reduction.out_mean)
+    return module, {"params": params}
+
+
+def parameter_count(params: Any) -> int:
+    """Number of stored parameters (gates, projections and expansions included)."""
+    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
+
+
+def flops(fn: Any, *args: Any) -> float:
+    """FLOPs of one call of ``fn(*args)`` as XLA counts them (compiled cost analysis)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
