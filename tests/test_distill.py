@@ -1,0 +1,232 @@
+"""Convex block distillation end to end on the shipped digits teacher (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvxdist.cli import main
+from cvxdist.data import load_dataset, samples_per_class
+from cvxdist.distill import DistillConfig, distill, evaluate_spliced, spliced_predict
+from cvxdist.distill.io import load_students
+from cvxdist.distill.pipeline import BlockStudent, prepare_block, solve_prepared
+from cvxdist.distill.student import GatedStudent, Reduction, parameter_count, student_from_network
+from cvxdist.mapping import GatedNetwork, predict_convex
+from cvxdist.teachers import load_teacher
+
+TINY = {"gates": 16, "max_rows": 1500, "reg": "coupled", "max_iters": 2000}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher("digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = samples_per_class(load_dataset("digits", "train"), 15, seed=0)
+    test = load_dataset("digits", "test")
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def solved(teacher, data):
+    train, _ = data
+    config = DistillConfig(cut="stage3", lam_frac=0.05, **TINY)
+    block = prepare_block(teacher, train.images, "stage3", config, progress=False)
+    student = solve_prepared(teacher, block, config, (config.lam_frac,), progress=False)
+    return config, block, student
+
+
+def test_student_block_reproduces_the_convex_model(teacher, data, solved):
+    train, _ = data
+    config, block, student = solved
+    assert student.report["converged"] and student.report["rel_gap"] <= 1e-3
+    # Rows recomputed at *every* location must match the student's output there.
+    from cvxdist.streaming import image_patches
+
+    fns = teacher.cut_functions("stage3")
+    z = fns.prefix(teacher.variables, jnp.asarray(train.images[:8]))
+    patches = np.asarray(image_patches(z, 3, block.row_info["stride"]))
+    rows = block.reduction.rows(patches.reshape(-1, patches.shape[-1]))
+    from cvxdist.gates import sample_gates
+    from cvxdist.problems import make_problem
+    from cvxdist.solvers import solve
+
+    gates = sample_gates(
+        jax.random.key(config.seed), block.rows, config.gates, kind="data", noise=0.05
+    )
+    problem = make_problem(block.rows, block.targets, gates, skip=True, bias=True)
+    solution = solve(problem, float(student.report["lam"]), reg="coupled", tol=config.tol)
+    convex = np.asarray(predict_convex(solution, gates, rows))
+    expected = block.reduction.out_mean + convex @ block.reduction.out_basis.T
+    got = np.asarray(student(z)).reshape(expected.shape)
+    scale = np.abs(expected).max()
+    # float32 convolution vs matmul: a mask may flip on a row at the gate boundary.
+    close = np.all(np.abs(got - expected) <= 1e-3 * scale, axis=1)
+    assert close.mean() >= 0.99
+
+
+def test_spliced_accuracy_is_close_to_the_teacher(teacher, data, solved):
+    _, test = data
+    _, _, student = solved
+    metrics = evaluate_spliced(teacher, [student], "stage3", None, test.images, test.labels)
+    assert metrics["teacher_accuracy"] > 0.95
+    assert metrics["accuracy"] >= metrics["teacher_accuracy"] - 0.08
+    assert metrics["agreement"] >= 0.9
+    assert 0 <= metrics["block_rel_mse"] < 0.5
+    assert metrics["block_params"] == student.report["params"]
+    assert metrics["block_flops"] > 0 and metrics["teacher_block_flops"] > 0
+
+
+def test_splicing_the_teacher_block_back_is_exact(teacher, data):
+    _, test = data
+    fns = teacher.cut_functions("stage2", "stage3")
+
+    own = BlockStudent("stage2", _TeacherBlock(fns.block, teacher.variables), {}, {})
+    spliced = spliced_predict(teacher, "stage2", "stage3", [own])
+    ours, reference = spliced(test.images), teacher.predict(test.images)
+    # Separately compiled prefix/block/suffix differ from one fused forward only by rounding.
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours.argmax(-1), reference.argmax(-1))
+
+
+class _TeacherBlock:
+    def __init__(self, block, variables):
+        self.block, self.variables = block, variables
+
+    def apply(self, variables, z):
+        del variables
+        return self.block(self.variables, z)
+
+
+def test_student_parameter_count_by_hand():
+    d_raw, d, c, C = 18, 4, 3, 5  # 3x3 patches of 2 channels, reduced to 4 in, 3 out
+    net = GatedNetwork(
+        gates=jnp.ones((d, 2)),
+        neuron_gate=jnp.asarray([0, 1, 1]),
+        w_in=jnp.ones((d, 3)),
+        w_out=jnp.ones((3, c)),
+        skip=jnp.ones((d, c)),
+        bias=jnp.ones((c,)),
+    )
+    reduction = Reduction(
+        in_mean=np.zeros(d_raw),
+        in_basis=np.linalg.qr(np.random.default_rng(0).standard_normal((d_raw, d)))[0],
+        out_mean=np.zeros(C),
+        out_basis=np.linalg.qr(np.random.default_rng(1).standard_normal((C, c)))[0],
+    )
+    module, variables = student_from_network(
+        net, reduction, in_channels=2, out_channels=C, kernel_size=3, stride=1
+    )
+    assert isinstance(module, GatedStudent)
+    # proj 3·3·2·4 + proj_bias 4 + gates 4·2 + w_in 4·3 + w_out 3·3 + bias 3 + skip 4·3
+    # + expand 3·5 + expand_bias 5
+    assert parameter_count(variables) == 72 + 4 + 8 + 12 + 9 + 3 + 12 + 15 + 5
+    y = module.apply(variables, jnp.ones((1, 6, 6, 2)))
+    assert y.shape == (1, 6, 6, C)
+
+
+def test_two_consecutive_stages(teacher, data):
+    train, test = data
+    config = DistillConfig(cut="stage2", to="stage3", lam_frac=0.05, **TINY)
+    students = distill(teacher, train.images, config, progress=False)
+    assert [s.stage for s in students] == ["stage2", "stage3"]
+    metrics = evaluate_spliced(teacher, students, "stage2", "stage3", test.images, test.labels)
+    assert metrics["block_params"] == sum(s.report["params"] for s in students)
+    assert metrics["teacher_block_params"] == teacher.block_params("stage2", "stage3")
+    assert metrics["accuracy"] > 0.8
+
+
+def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", "digits-cnn", "--cut", "stage3", "--gates", "12"]
+    args += ["--samples-per-class", "10", "--max-rows", "800", "--reg", "coupled", "--quiet"]
+    args += ["--lam-path", "0.3", "0.1", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "plot.png").stat().st_size > 1000
+    assert result["accuracy"] == summary["accuracy"]
+    assert len(result["stages"][0]["path"]) == 2  # label-free selection over the path
+    students, info = load_students(out)
+    assert info["cut"] == "stage3" and len(students) == 1
+    assert main(["evaluate", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(result["accuracy"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cut", "stage9"], "unknown cut 'stage9'"),
+        (["--gates", "0"], "--gates must be at least 1"),
+        (["--samples-per-class", "0"], "--samples-per-class must be at least 1"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent"], "mnist"),
+        (["--lam-frac", "-1"], "--lam-frac must be"),
+    ],
+)
+def test_distill_bad_input(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", "digits-cnn", "--quiet", *extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_teacher_dataset_mismatch(tmp_path, capsys):
+    fmnist = "/usr/share/datasets/fashion-mnist"
+    if not os.path.isdir(fmnist):
+        pytest.fail("Fashion-MNIST (apt package dataset-fashion-mnist) is required for this test")
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            "digits-cnn",
+            "--dataset",
+            "fashion_mnist",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2 and "takes images of shape (8, 8, 1)" in capsys.readouterr().err
+
+
+def test_unwritable_output(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a file as parent
+            blocker = tmp_path / "file"
+            blocker.write_text("x")
+            target = blocker / "out"
+        else:
+            target = locked / "out"
+        code = main(["distill", "--teacher", "digits-cnn", "--out", str(target)])
+        assert code == 2 and "--out" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_demo_quick_writes_the_contract(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    for key in ("teacher_accuracy", "students", "teacher_block_params", "samples_per_class"):
+        assert key in result
+    methods = [s["method"] for s in result["students"]]
+    assert len(methods) == 2 and any("convex" in m for m in methods)
+    for student in result["students"]:
+        for key in ("method", "accuracy", "block_params", "time_s"):
+            assert key in student
+        assert 0.5 < student["accuracy"] <= 1.0
+    sizes = [s["block_params"] for s in result["students"]]
+    assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]  # matched by parameter count
+    assert "| teacher |" in capsys.readouterr().out
