@@ -14,7 +14,7 @@ import numpy as np
 from cvxdist.cli import UserError
 
 #: The demo's teacher, and its fallback when Fashion-MNIST is not installed.
-DEMO_TEACHER = "fmnist-resnet"
+DEMO_TEACHER = "fashion-resnet20"
 DEMO_FALLBACK = "digits-cnn"
 
 
