@@ -230,3 +230,63 @@ def test_demo_quick_writes_the_contract(tmp_path, capsys):
     sizes = [s["block_params"] for s in result["students"]]
     assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]  # matched by parameter count
     assert "| teacher |" in capsys.readouterr().out
+
+
+def test_interrupted_distillation_resumes_from_finished_stages(
+    teacher, data, tmp_path, monkeypatch
+):
+    import cvxdist.distill.pipeline as pipeline
+
+    train, _ = data
+    config = DistillConfig(cut="stage2", to="stage3", lam_frac=0.05, **TINY)
+    real = pipeline.solve_prepared
+    calls = []
+
+    def interrupt_on_second(*args, **kwargs):
+        calls.append(args[1].stage)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "solve_prepared", interrupt_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, train.images, config, progress=False, cache_dir=tmp_path)
+    monkeypatch.setattr(pipeline, "solve_prepared", real)
+    messages = []
+    students = distill(
+        teacher, train.images, config, progress=False, cache_dir=tmp_path, log=messages.append
+    )
+    assert "loaded from the cache" in messages[0] and messages[0].startswith("stage2")
+    assert not any("loaded" in m for m in messages[1:])
+    assert [s.stage for s in students] == ["stage2", "stage3"]
+    again = []
+    distill(teacher, train.images, config, progress=False, cache_dir=tmp_path, log=again.append)
+    assert sum("loaded from the cache" in m for m in again) == 2
+
+
+def test_head_student_with_polishing(teacher, data):
+    train, test = data
+    reports = {}
+    for polish in (False, True):
+        config = DistillConfig(
+            cut="stage3",
+            to="head",
+            head_student=True,
+            gates=32,
+            reg="coupled",
+            lam_frac=0.01,
+            polish=polish,
+            skip=False,
+        )
+        [student] = distill(teacher, train.images, config, progress=False)
+        metrics = evaluate_spliced(teacher, [student], "stage3", "head", test.images, test.labels)
+        assert student.stage == "stage3..head"
+        assert metrics["teacher_block_params"] == teacher.block_params("stage3", "head")
+        assert metrics["accuracy"] > 0.7
+        reports[polish] = student.report
+    polish = reports[True]["polish"]
+    assert polish["rel_gap"] <= 1e-3 and polish["kept_gates"] == reports[False]["active_gates"]
+    with pytest.raises(Exception, match="use --to head"):
+        distill(
+            teacher, train.images, DistillConfig(cut="stage3", head_student=True), progress=False
+        )

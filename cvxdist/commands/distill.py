@@ -34,7 +34,20 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-variance", type=float, default=0.999)
     parser.add_argument("--output-variance", type=float, default=0.995)
     parser.add_argument("--no-skip", action="store_true", help="no linear skip in the student")
+    parser.add_argument(
+        "--head-student",
+        action="store_true",
+        help="replace --cut..head by one student on pooled features predicting the logits",
+    )
+    parser.add_argument(
+        "--polish", action="store_true", help="refit the kept gates with group_elastic"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not keep finished stages in OUT/cache (by default a rerun resumes from them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -18,8 +18,12 @@ Labels are read only by :func:`evaluate_spliced`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -59,6 +63,10 @@ class DistillConfig:
     output_variance: float = 0.995
     max_output_dim: int = 64
     skip: bool = True
+    polish: bool = False  # refit the kept gates with group_elastic (see `polish`)
+    polish_alpha: float = 0.5
+    polish_lam_frac: float = 1e-3
+    head_student: bool = False  # one student on pooled features for cut..head
     seed: int = 0
     batch_size: int = 256
 
@@ -136,8 +144,9 @@ def collect_rows(
     """
     from cvxdist.streaming import image_patches, infer_stride
 
-    teacher_fns = teacher.cut_functions(stage)
-    head = stage == "head"
+    first, _, last = stage.partition("..")
+    teacher_fns = teacher.cut_functions(first, last or None)
+    head = (last or first) == "head"
 
     def io(variables: Any, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         z = input_fn(variables, x)
@@ -324,25 +333,84 @@ def distill(
     holdout_images: np.ndarray | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[BlockStudent]:
     """Replace the stages ``config.cut..config.to`` of ``teacher`` by convex students.
 
     With ``config.lam_path`` and ``holdout_images``, each stage is solved along the λ path
     and the smallest student whose held-out agreement with the teacher is within
     ``agreement_tol`` of the best one is kept (label-free model selection).
+
+    With ``cache_dir``, every finished stage is saved there under a key of the teacher
+    checkpoint, the images, the settings and the stages before it; a rerun after an
+    interruption loads the finished stages instead of solving them again.
     """
     stages = stages_of(teacher, config.cut, config.to)
     if len(train_images) == 0:
         raise UserError("no training images: the subset is empty")
     log = log or (lambda _: None)
     students: list[BlockStudent] = []
+    if config.head_student:
+        if stages[-1] != "head":
+            raise UserError(f"a head student replaces {config.cut}..head; use --to head")
+        stages = [f"{config.cut}..head"]  # one pooled-feature student for the whole range
+    key = _cache_seed(teacher, train_images, holdout_images, config)
     for stage in stages:
+        key = hashlib.sha256(f"{key}/{stage}".encode()).hexdigest()[:24]
+        cached = _load_stage(cache_dir, key)
+        if cached is not None:
+            log(f"{stage}: loaded from the cache ({key})")
+            students.append(cached)
+            continue
         block = prepare_block(teacher, train_images, stage, config, students, progress)
         fracs = config.lam_path if config.lam_path else (config.lam_frac,)
-        students.append(
-            solve_prepared(teacher, block, config, fracs, students, holdout_images, progress, log)
+        student = solve_prepared(
+            teacher, block, config, fracs, students, holdout_images, progress, log
         )
+        _save_stage(cache_dir, key, student)
+        students.append(student)
     return students
+
+
+def _cache_seed(
+    teacher: Teacher, images: np.ndarray, holdout: np.ndarray | None, config: DistillConfig
+) -> str:
+    from cvxdist.streaming import images_fingerprint
+
+    parts = [
+        teacher.checkpoint_sha256,
+        images_fingerprint(images),
+        "" if holdout is None else images_fingerprint(holdout),
+        json.dumps(dataclasses.asdict(config), sort_keys=True, default=str),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _load_stage(cache_dir: str | os.PathLike | None, key: str) -> BlockStudent | None:
+    if cache_dir is None:
+        return None
+    from cvxdist.distill.io import load_students
+
+    folder = Path(cache_dir) / f"stage-{key}"
+    if not folder.is_dir():
+        return None
+    try:
+        students, _ = load_students(folder)
+    except UserError:
+        return None  # an unreadable entry is recomputed
+    return students[0] if students else None
+
+
+def _save_stage(cache_dir: str | os.PathLike | None, key: str, student: BlockStudent) -> None:
+    if cache_dir is None:
+        return
+    from cvxdist.distill.io import save_students
+
+    folder = Path(cache_dir) / f"stage-{key}"
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_students(tmp, [student], {"key": key})
+    os.replace(tmp, folder)
 
 
 @dataclasses.dataclass
@@ -392,12 +460,18 @@ def solve_prepared(
         build_student(s, gates, block.reduction, block.row_info, block.stage) for s in solutions
     ]
     path_report: list[dict[str, Any]] = []
-    if len(candidates) == 1:
-        chosen = candidates[0]
-    else:
-        chosen, path_report = _select(
+    pick = 0
+    if len(candidates) > 1:
+        pick, path_report = _select(
             teacher, config, list(replaced), candidates, holdout_images, log
         )
+    chosen = candidates[pick]
+    if config.polish:
+        polished, polish_info = polish(block, gates, solutions[pick], config)
+        chosen = build_student(
+            polished, polish_info.pop("gates"), block.reduction, block.row_info, block.stage
+        )
+        chosen.report["polish"] = polish_info
     chosen.report.update(row_info=block.row_info, **solve_info, path=path_report)
     log(
         f"{block.stage}: {chosen.report['active_gates']} gates, {chosen.report['neurons']} "
@@ -413,14 +487,16 @@ def _select(
     candidates: list[BlockStudent],
     holdout_images: np.ndarray | None,
     log: Callable[[str], None],
-) -> tuple[BlockStudent, list[dict[str, Any]]]:
+) -> tuple[int, list[dict[str, Any]]]:
+    """Index of the smallest candidate within ``agreement_tol`` of the best held-out agreement."""
     if holdout_images is None or len(holdout_images) == 0:
         raise UserError("a λ path needs held-out training images for model selection")
     teacher_pred = teacher.predict(holdout_images).argmax(-1)
     stage = candidates[0].stage
     agreements = []
     for candidate in candidates:
-        spliced = spliced_predict(teacher, config.cut, stage, [*done, candidate])
+        last = stage.split("..")[-1]
+        spliced = spliced_predict(teacher, config.cut, last, [*done, candidate])
         agreements.append(float(np.mean(spliced(holdout_images).argmax(-1) == teacher_pred)))
     best = max(agreements)
     ok = [i for i, a in enumerate(agreements) if a >= best - config.agreement_tol]
@@ -430,7 +506,51 @@ def _select(
         for c, a in zip(candidates, agreements)
     ]
     log(f"{stage}: selected λ={candidates[pick].report['lam']:.3g} of {len(candidates)}")
-    return candidates[pick], report
+    return pick, report
+
+
+def polish(
+    block: PreparedBlock, gates: np.ndarray, solution: Any, config: DistillConfig
+) -> tuple[Any, dict[str, Any]]:
+    """Refit on the gates the sparse solve kept, with the ``group_elastic`` regularizer.
+
+    The group-lasso solve selects the gates (the hidden layer's patterns) but shrinks every
+    weight towards zero. Polishing re-solves the convex problem restricted to the kept gates
+    with ``α||U_i|| + (1-α)/2 ||U_i||²`` at a small λ (mostly ridge), warm-started from the
+    solution: the fit improves, no new gate can appear, and the refit is certified too.
+    """
+    from cvxdist.problems import lam_max, make_problem
+    from cvxdist.prox import Coupled, GroupElastic
+    from cvxdist.solvers import solve
+
+    U = np.asarray(solution.weights.U)
+    kept = np.flatnonzero(np.linalg.norm(U.reshape(U.shape[0], -1), axis=1) > 0)
+    if kept.size == 0:
+        return solution, {"gates": gates, "kept_gates": 0}
+    sub_gates = gates[:, kept]
+    problem = make_problem(block.rows, block.targets, sub_gates, skip=config.skip, bias=True)
+    # λ on the scale of the group-lasso part (λ_max of ``coupled``), so α and the ridge
+    # weight are comparable to the selection solve rather than inflated by 1/α.
+    lam = config.polish_lam_frac * float(lam_max(problem, Coupled()))
+    refit = solve(
+        problem,
+        lam,
+        reg=GroupElastic(alpha=config.polish_alpha),
+        tol=config.tol,
+        max_iters=config.max_iters,
+        init=U[kept],
+    )
+    info = {
+        "gates": sub_gates,
+        "kept_gates": int(kept.size),
+        "alpha": config.polish_alpha,
+        "lam": float(refit.stats.lam),
+        "objective": float(refit.stats.objective),
+        "rel_gap": float(refit.stats.rel_gap),
+        "iterations": int(refit.stats.iterations),
+        "time_s": float(refit.stats.time_s),
+    }
+    return refit, info
 
 
 def spliced_predict(

@@ -85,6 +85,8 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         input_variance=args.input_variance,
         output_variance=args.output_variance,
         skip=not args.no_skip,
+        head_student=args.head_student,
+        polish=args.polish,
         seed=args.seed,
     )
 
@@ -125,6 +127,7 @@ def run_distill(args: argparse.Namespace) -> int:
         holdout_images=holdout,
         progress=not args.quiet,
         log=lambda m: _say(args.quiet, m),
+        cache_dir=None if args.no_cache else args.out / "cache",
     )
     solve_time = time.perf_counter() - start
     metrics = evaluate_spliced(teacher, students, cut, args.to, test.images, test.labels)
