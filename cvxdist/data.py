@@ -229,14 +229,15 @@ def _load_tfds(full_name: str, tfds_name: str, split: str, data_dir) -> Dataset:
     except Exception as err:  # tfds raises DatasetNotFoundError and others
         raise UserError(f"unknown TFDS dataset {tfds_name!r}: {err}".splitlines()[0]) from None
     try:
-        data = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+        data = builder.as_dataset(split=split, batch_size=1024, as_supervised=True)
     except AssertionError:
         raise DatasetNotFoundError(
             f"TFDS dataset {tfds_name!r} is not prepared in {builder.data_dir}; prepare it on "
             "a machine with network access (tfds build) and pass that data_dir"
         ) from None
-    images, labels = tfds.as_numpy(data)
-    images = np.asarray(images)
+    batches = list(tfds.as_numpy(data))
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
     if images.ndim == 3:
         images = images[..., None]
     scale = 255.0 if images.dtype == np.uint8 else 1.0

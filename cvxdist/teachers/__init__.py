@@ -14,6 +14,7 @@ from cvxdist.teachers.teacher import (
     save_teacher,
     shipped_teachers,
     teacher_dir,
+    untrained_teacher,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "save_teacher",
     "shipped_teachers",
     "teacher_dir",
+    "untrained_teacher",
 ]

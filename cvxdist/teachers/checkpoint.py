@@ -32,6 +32,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(tree: Any) -> str:
+    """Hex SHA-256 of a pytree's msgpack serialization (what `save_tree` would write)."""
+    state = serialization.to_state_dict(jax.device_get(tree))
+    return hashlib.sha256(serialization.msgpack_serialize(state)).hexdigest()
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (crash-safe)."""
     path = Path(path)

@@ -28,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvxdist.cli import UserError
-from cvxdist.teachers.checkpoint import CheckpointError, file_sha256, load_tree, save_tree
+from cvxdist.teachers.checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_tree,
+    save_tree,
+    tree_sha256,
+)
 from cvxdist.teachers.models import ArchConfig, CutNetwork, build_model
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "teachers"
@@ -53,10 +59,21 @@ class CutFunctions:
     suffix: ArrayFn
 
 
-def init_variables(config: ArchConfig, image_shape: tuple[int, int, int], seed: int = 0) -> Any:
-    """Freshly initialized ``{"params", "batch_stats"}`` for images of ``(H, W, C)``."""
+def init_variables(
+    config: ArchConfig,
+    image_shape: tuple[int, int, int],
+    seed: int = 0,
+    prng_impl: str | None = None,
+) -> Any:
+    """Freshly initialized ``{"params", "batch_stats"}`` for images of ``(H, W, C)``.
+
+    ``prng_impl="rbg"`` compiles much faster than the default threefry on CPU (many
+    initializers unroll threefry); training keeps the default for reproducibility.
+    """
     model = build_model(config)
-    return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32))
+    init = jax.jit(model.init)  # one compilation instead of one per eager primitive
+    key = jax.random.key(seed, impl=prng_impl)
+    return init(key, jnp.zeros((1, *image_shape), jnp.float32))
 
 
 def variables_template(config: ArchConfig, image_shape: tuple[int, int, int]) -> Any:
@@ -132,27 +149,32 @@ class Teacher:
 
         return run
 
-    def cut_functions(self, cut: str, to: str | None = None) -> CutFunctions:
-        """Jitted prefix / block / suffix functions for the block ``cut..to``."""
+    def cut_functions(self, cut: str, to: str | None = None, jit: bool = True) -> CutFunctions:
+        """Prefix / block / suffix functions for the block ``cut..to``.
+
+        Jitted by default (each distinct segment range compiles once per input shape and
+        is shared between cut pairs); ``jit=False`` gives the plain pure functions, to
+        compose inside a caller's own ``jax.jit``.
+        """
         start, stop = self.resolve(cut, to)
-        key = ("cut", start, stop)
+        last = len(self.cuts) - 1
+        ranges = ((0, start - 1), (start, stop), (stop + 1, last))
+        prefix, block, suffix = (self._range_fn(a, b, jit) for a, b in ranges)
+        return CutFunctions(self.cuts[start], self.cuts[stop], prefix, block, suffix)
+
+    def _range_fn(self, first: int, last: int, jit: bool) -> ArrayFn:
+        if first > last:
+            first, last = 0, -1  # every empty range is the same identity function
+        key = ("segments", first, last, jit)
         if key not in self._cache:
-            last = len(self.cuts) - 1
-            self._cache[key] = CutFunctions(
-                start=self.cuts[start],
-                stop=self.cuts[stop],
-                prefix=jax.jit(self._segments(0, start - 1)),
-                block=jax.jit(self._segments(start, stop)),
-                suffix=jax.jit(self._segments(stop + 1, last)),
-            )
+            fn = self._segments(first, last)
+            self._cache[key] = jax.jit(fn) if jit else fn
         return self._cache[key]
 
     @property
     def apply(self) -> ArrayFn:
         """Jitted full forward ``f(variables, images) -> logits``."""
-        if "apply" not in self._cache:
-            self._cache["apply"] = jax.jit(self._segments(0, len(self.cuts) - 1))
-        return self._cache["apply"]
+        return self._range_fn(0, len(self.cuts) - 1, jit=True)
 
     def splice(
         self, replacement: Callable[[jnp.ndarray], jnp.ndarray], cut: str, to: str | None = None
@@ -187,6 +209,38 @@ class Teacher:
     def accuracy(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
         """Top-1 accuracy on ``(images, labels)``."""
         return float(np.mean(self.predict(images, batch_size).argmax(-1) == labels))
+
+
+def untrained_teacher(
+    config: ArchConfig,
+    image_shape: tuple[int, int, int],
+    seed: int = 0,
+    name: str = "untrained",
+    randomize_batch_stats: bool = True,
+) -> Teacher:
+    """A randomly initialized `Teacher` (for tests and examples; nothing is read from disk).
+
+    With ``randomize_batch_stats`` the BatchNorm running statistics are drawn at random so
+    inference-mode BatchNorm is not the identity.
+    """
+    variables = init_variables(config, image_shape, seed, prng_impl="rbg")
+    if randomize_batch_stats:
+        rng = np.random.default_rng(seed)  # numpy: no per-shape compilation
+
+        def draw(path, leaf):
+            noise = rng.standard_normal(leaf.shape).astype(np.float32)
+            return jnp.asarray(np.exp(0.3 * noise) if path[-1].key == "var" else 0.2 * noise)
+
+        stats = jax.tree_util.tree_map_with_path(draw, variables["batch_stats"])
+        variables = {**variables, "batch_stats": stats}
+    info = {
+        "name": name,
+        "model": config.model,
+        "dataset": "none",
+        "image_shape": list(image_shape),
+        "num_classes": config.num_classes,
+    }
+    return Teacher(name, config, variables, info, checkpoint_sha256=tree_sha256(variables))
 
 
 def batched_apply(
