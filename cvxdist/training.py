@@ -16,6 +16,7 @@ epoch, so an interrupted and resumed run gives the same weights as an uninterrup
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from cvxdist.teachers.teacher import (
     batched_apply,
     init_variables,
     save_teacher,
+    segment_range_fn,
 )
 
 STATE_NAME = "train_state.msgpack"
@@ -110,6 +112,14 @@ def augment_batch(key: jax.Array, images: jnp.ndarray, pad: int, flip: bool) -> 
         flips = jax.random.bernoulli(key, 0.5, (n, 1, 1, 1))
         images = jnp.where(flips, images[:, :, ::-1, :], images)
     return images
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(
+    arch: ArchConfig, cfg: TrainConfig, steps_per_epoch: int, pad: int, flip: bool
+) -> Callable:
+    """The jitted train step, cached so equal configurations compile once per process."""
+    return _make_train_step(build_model(arch), make_optimizer(cfg, steps_per_epoch), pad, flip)
 
 
 def _make_train_step(model, tx: optax.GradientTransformation, pad: int, flip: bool) -> Callable:
@@ -208,8 +218,8 @@ def train_teacher(
             return previous
 
     pad = max(1, train.image_shape[0] // 8) if cfg.augment else 0
-    step = _make_train_step(model, tx, pad, cfg.augment and train.hflip_ok)
-    apply = jax.jit(model.apply)
+    step = _train_step(arch, cfg, steps_per_epoch, pad, cfg.augment and train.hflip_ok)
+    apply = segment_range_fn(arch, 0, len(model.cuts) - 1)
     base_key = jax.random.key(cfg.seed)
     images, labels = train.images, train.labels
     meta: dict[str, Any] = {}

@@ -35,7 +35,7 @@ from cvxdist.teachers.checkpoint import (
     save_tree,
     tree_sha256,
 )
-from cvxdist.teachers.models import ArchConfig, CutNetwork, build_model
+from cvxdist.teachers.models import ArchConfig, CutNetwork, build_model, cut_names
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "teachers"
 CHECKPOINT_NAME = "teacher.msgpack"
@@ -70,10 +70,30 @@ def init_variables(
     ``prng_impl="rbg"`` compiles much faster than the default threefry on CPU (many
     initializers unroll threefry); training keeps the default for reproducibility.
     """
-    model = build_model(config)
-    init = jax.jit(model.init)  # one compilation instead of one per eager primitive
     key = jax.random.key(seed, impl=prng_impl)
-    return init(key, jnp.zeros((1, *image_shape), jnp.float32))
+    return _jitted_init(config)(key, jnp.zeros((1, *image_shape), jnp.float32))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ArchConfig) -> Callable:
+    """One compiled init per architecture (instead of one compilation per eager op)."""
+    return jax.jit(build_model(config).init)
+
+
+@functools.lru_cache(maxsize=256)
+def segment_range_fn(config: ArchConfig, first: int, last: int, jit: bool = True) -> ArrayFn:
+    """Pure ``f(variables, x)`` running segments ``first..last`` of a model (identity if
+    the range is empty); jitted functions are shared by every teacher of that architecture.
+    """
+    names = cut_names(config.model)
+    model = build_model(config)
+
+    def run(variables: Any, x: jnp.ndarray) -> jnp.ndarray:
+        if first > last:
+            return x
+        return model.apply(variables, x, start=names[first], stop=names[last])
+
+    return jax.jit(run) if jit else run
 
 
 def variables_template(config: ArchConfig, image_shape: tuple[int, int, int]) -> Any:
@@ -137,18 +157,6 @@ class Teacher:
             )
         return start, stop
 
-    def _segments(self, first: int, last: int) -> ArrayFn:
-        """Pure ``f(variables, x)`` running segments ``first..last`` (identity if empty)."""
-        names = self.cuts
-        model = self.model
-
-        def run(variables: Any, x: jnp.ndarray) -> jnp.ndarray:
-            if first > last:
-                return x
-            return model.apply(variables, x, start=names[first], stop=names[last])
-
-        return run
-
     def cut_functions(self, cut: str, to: str | None = None, jit: bool = True) -> CutFunctions:
         """Prefix / block / suffix functions for the block ``cut..to``.
 
@@ -165,11 +173,7 @@ class Teacher:
     def _range_fn(self, first: int, last: int, jit: bool) -> ArrayFn:
         if first > last:
             first, last = 0, -1  # every empty range is the same identity function
-        key = ("segments", first, last, jit)
-        if key not in self._cache:
-            fn = self._segments(first, last)
-            self._cache[key] = jax.jit(fn) if jit else fn
-        return self._cache[key]
+        return segment_range_fn(self.config, first, last, jit)
 
     @property
     def apply(self) -> ArrayFn:

@@ -1,0 +1,104 @@
+"""Teacher training: resume after an interruption, refusing a changed configuration, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cvxdist.cli import UserError, main
+from cvxdist.teachers import CheckpointError, load_teacher
+from cvxdist.training import STATE_NAME, TrainConfig, train_teacher
+
+CONFIG = TrainConfig("small_cnn", "digits", epochs=3, width=0.25, batch_size=256, seed=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    epochs = []
+    meta = train_teacher(CONFIG, out, progress=False, on_epoch_end=lambda e, r: epochs.append(e))
+    return out, meta, epochs
+
+
+def test_training_writes_a_loadable_teacher(uninterrupted):
+    out, meta, epochs = uninterrupted
+    assert epochs == [1, 2, 3]
+    assert meta["complete"] and meta["epochs_done"] == 3 and len(meta["history"]) == 3
+    for key in ("model", "dataset", "test_accuracy", "params", "cuts", "arch", "training"):
+        assert key in meta
+    assert meta["cuts"] == ["stem", "stage1", "stage2", "stage3", "head"]
+    teacher = load_teacher(out)
+    assert teacher.info["test_accuracy"] == meta["test_accuracy"]
+    assert meta["test_accuracy"] > 0.2  # three short epochs learn something (chance is 0.1)
+    losses = [h["train_loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_interrupted_training_resumes_from_its_last_epoch(uninterrupted, tmp_path):
+    full_dir, full_meta, _ = uninterrupted
+
+    def interrupt(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(CONFIG, tmp_path, progress=False, on_epoch_end=interrupt)
+    partial = json.loads((tmp_path / "teacher.json").read_text())
+    assert partial["epochs_done"] == 1 and not partial["complete"]
+
+    resumed_epochs = []
+    meta = train_teacher(
+        CONFIG, tmp_path, progress=False, on_epoch_end=lambda e, r: resumed_epochs.append(e)
+    )
+    assert resumed_epochs == [2, 3]
+    assert meta["complete"] and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    # seeded per epoch: the resumed run ends with exactly the uninterrupted weights
+    resumed = load_teacher(tmp_path).variables
+    full = load_teacher(full_dir).variables
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), resumed, full)
+    assert meta["test_accuracy"] == pytest.approx(full_meta["test_accuracy"])
+
+    # a finished run is not trained again
+    again = []
+    train_teacher(CONFIG, tmp_path, progress=False, on_epoch_end=lambda e, r: again.append(e))
+    assert again == []
+
+
+def test_changed_configuration_is_refused(uninterrupted):
+    out, _, _ = uninterrupted
+    with pytest.raises(UserError, match="different configuration"):
+        train_teacher(TrainConfig(**{**CONFIG.__dict__, "epochs": 4}), out, progress=False)
+
+
+def test_truncated_training_state_is_a_clear_error(tmp_path):
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(CONFIG, tmp_path, progress=False, on_epoch_end=interrupt)
+    state = tmp_path / STATE_NAME
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train_teacher(CONFIG, tmp_path, progress=False)
+
+
+def test_teacher_train_and_eval_commands(uninterrupted, capsys):
+    out, meta, _ = uninterrupted
+    # re-running the finished command prints the summary without training
+    code = main(
+        [
+            "teacher", "train", "--model", "small_cnn", "--dataset", "digits", "--epochs", "3",
+            "--width", "0.25", "--batch-size", "256", "--seed", "1", "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["test_accuracy"] == meta["test_accuracy"] and summary["model"] == "small_cnn"
+    assert main(["teacher", "eval", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-9)
+    assert main(["teacher", "train", "--model", "vgg", "--dataset", "digits", "--epochs", "1",
+                 "--out", str(out / "x")]) == 2  # fmt: skip
