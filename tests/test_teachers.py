@@ -1,0 +1,212 @@
+"""Teacher architectures, cut functions, splicing, checkpoints and the shipped teachers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvxdist.cli import main
+from cvxdist.data import FASHION_MNIST_DIR, load_dataset
+from cvxdist.teachers import (
+    ArchConfig,
+    CheckpointError,
+    UnknownCutError,
+    build_model,
+    count_params,
+    load_teacher,
+    save_teacher,
+    shipped_teachers,
+    untrained_teacher,
+)
+from cvxdist.teachers.checkpoint import load_tree, save_tree
+from cvxdist.teachers.teacher import variables_template
+
+# (model, width, image shape): every architecture on a small input, with 1 and 3 channels.
+TINY = [
+    ("small_cnn", 0.5, (8, 8, 1)),
+    ("resnet20", 0.25, (8, 8, 1)),
+    ("resnet18", 0.0625, (8, 8, 3)),
+]
+
+
+@functools.cache
+def _tiny(model, width, shape, seed=0):
+    config = ArchConfig(model, num_classes=5, in_channels=shape[-1], width=width)
+    return untrained_teacher(config, shape, seed=seed)
+
+
+@pytest.mark.parametrize(("model", "width", "shape"), TINY)
+def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, width, shape):
+    teacher = _tiny(model, width, shape)
+    cuts = teacher.cuts
+    assert cuts[0] == "stem" and cuts[-1] == "head"
+    assert len(cuts) == (6 if model == "resnet18" else 5)
+    pairs = [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+
+    @jax.jit  # all pairs in one compilation (the plain functions are what gets jitted)
+    def compose_all(v, x):
+        outputs = []
+        for start, stop in pairs:
+            fns = teacher.cut_functions(start, stop, jit=False)
+            outputs.append(fns.suffix(v, fns.block(v, fns.prefix(v, x))))
+        return jnp.stack(outputs)
+
+    x = jax.random.uniform(jax.random.key(1), (3, *shape))
+    v = teacher.variables
+    logits = teacher.apply(v, x)
+    assert logits.shape == (3, 5)
+    composed = compose_all(v, x)
+    for (start, stop), out in zip(pairs, composed):
+        np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-5, err_msg=f"{start}..{stop}")
+    # the jitted functions of one pair, and the identity of an empty prefix / suffix
+    fns = teacher.cut_functions("stem", "stage2")
+    z = fns.prefix(v, x)
+    np.testing.assert_array_equal(z, x)
+    np.testing.assert_allclose(fns.suffix(v, fns.block(v, z)), logits, rtol=1e-5, atol=1e-5)
+    head = teacher.cut_functions("head")
+    assert head.block(v, teacher.cut_functions("stem", cuts[-2]).block(v, x)).shape == (3, 5)
+
+
+def test_cut_shapes_follow_the_stages_for_any_input_size():
+    for shape, sizes in (((28, 28, 1), (28, 28, 14, 7)), ((32, 32, 3), (32, 32, 16, 8))):
+        config = ArchConfig("resnet20", num_classes=5, in_channels=shape[-1], width=0.25)
+        template = variables_template(config, shape)
+        x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+        model = build_model(config)
+        for cut, size in zip(("stem", "stage1", "stage2", "stage3"), sizes):
+            out = jax.eval_shape(partial(model.apply, stop=cut), template, x)
+            assert out.shape[1:3] == (size, size)
+        assert jax.eval_shape(model.apply, template, x).shape == (2, 5)
+
+
+def test_batchnorm_runs_in_inference_mode():
+    teacher = _tiny("small_cnn", 0.5, (8, 8, 1))
+    x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1))
+    full = teacher.apply(teacher.variables, x)
+    one_by_one = jnp.concatenate([teacher.apply(teacher.variables, x[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(full, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_cut_lists_the_valid_ones():
+    teacher = _tiny("resnet20", 0.25, (8, 8, 1))
+    with pytest.raises(UnknownCutError, match="stem, stage1, stage2, stage3, head"):
+        teacher.cut_functions("stage4")
+    with pytest.raises(UnknownCutError, match="valid cuts"):
+        teacher.cut_functions("stage1", "layer9")
+    with pytest.raises(UnknownCutError, match="comes before"):
+        teacher.cut_functions("stage3", "stage1")
+
+
+def test_splice_replaces_the_block():
+    teacher = _tiny("resnet20", 0.25, (8, 8, 1))
+    v = teacher.variables
+    x = jax.random.uniform(jax.random.key(3), (2, 8, 8, 1))
+    fns = teacher.cut_functions("stage2", "stage3")
+    same = teacher.splice(lambda z: fns.block(v, z), "stage2", "stage3")
+    np.testing.assert_allclose(same(v, x), teacher.apply(v, x), rtol=1e-5, atol=1e-5)
+    zeros = teacher.splice(lambda z: jnp.zeros((z.shape[0], 2, 2, 16)), "stage2", "stage3")
+    expected = teacher.cut_functions("head").block(v, jnp.zeros((2, 2, 2, 16)))
+    np.testing.assert_allclose(zeros(v, x), expected, rtol=1e-6)
+
+
+def test_block_params_partition_the_model():
+    teacher = _tiny("resnet18", 0.0625, (8, 8, 3))
+    total = count_params(teacher.variables["params"])
+    per_segment = sum(teacher.block_params(cut) for cut in teacher.cuts)
+    assert per_segment == total
+    assert teacher.block_params("stage2", "stage3") == (
+        teacher.block_params("stage2") + teacher.block_params("stage3")
+    )
+
+
+def test_checkpoint_round_trip(tmp_path):
+    teacher = _tiny("resnet20", 0.25, (8, 8, 1))
+    info = {"dataset": "digits", "image_shape": [8, 8, 1], "test_accuracy": 0.5, "name": "rt"}
+    meta = save_teacher(tmp_path, teacher.config, teacher.variables, info)
+    assert meta["params"] == count_params(teacher.variables["params"])
+    assert meta["cuts"] == list(teacher.cuts)
+    loaded = load_teacher(tmp_path)
+    assert loaded.config == teacher.config and loaded.name == "rt"
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, teacher.variables)
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+    np.testing.assert_array_equal(
+        loaded.apply(loaded.variables, x), teacher.apply(teacher.variables, x)
+    )
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    teacher = _tiny("small_cnn", 0.5, (8, 8, 1))
+    info = {"dataset": "digits", "image_shape": [8, 8, 1], "test_accuracy": 0.5}
+    save_teacher(tmp_path, teacher.config, teacher.variables, info)
+    ckpt = tmp_path / "teacher.msgpack"
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_teacher(tmp_path)
+    # without a recorded hash, the msgpack decoder's failure is still one clear line
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_tree(ckpt)
+
+
+def test_checkpoint_of_another_model_is_rejected(tmp_path):
+    small = _tiny("small_cnn", 0.5, (8, 8, 1))
+    other = _tiny("resnet20", 0.25, (8, 8, 1))
+    path = tmp_path / "v.msgpack"
+    save_tree(path, small.variables)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_tree(path, template=other.variables)
+
+
+def test_missing_teacher_names_the_shipped_ones():
+    with pytest.raises(Exception, match="digits-cnn"):
+        load_teacher("no-such-teacher")
+
+
+def test_teacher_list_prints_shipped_teachers_as_json_lines(capsys):
+    assert main(["teacher", "list"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {line["name"] for line in lines} == set(shipped_teachers())
+    for line in lines:
+        assert {"name", "model", "dataset", "test_accuracy"} <= set(line)
+
+
+@pytest.mark.parametrize("name", shipped_teachers())
+def test_each_shipped_teacher_reaches_its_recorded_test_accuracy(name):
+    """The full test split, in jitted batches; the result must equal teacher.json's."""
+    teacher = load_teacher(name)
+    if teacher.dataset == "fashion_mnist" and not FASHION_MNIST_DIR.exists():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    test = load_dataset(teacher.dataset, "test")
+    accuracy = teacher.accuracy(test.images, test.labels, batch_size=1000)
+    assert accuracy == pytest.approx(teacher.info["test_accuracy"], abs=2e-4)
+    assert accuracy >= {"digits": 0.97, "fashion_mnist": 0.93}.get(teacher.dataset, 0.5)
+
+
+def test_a_fashion_mnist_resnet_teacher_is_shipped():
+    names = [n for n in shipped_teachers() if load_teacher(n).dataset == "fashion_mnist"]
+    if not names:
+        pytest.skip("fashion-resnet20 is not shipped yet (see cvxdist/assets/teachers/README.md)")
+    teacher = load_teacher(names[0])
+    assert teacher.config.model.startswith("resnet")
+    assert teacher.info["complete"] and teacher.info["test_accuracy"] >= 0.93
+
+
+def test_teacher_eval_command_prints_the_accuracy(capsys):
+    assert main(["teacher", "eval", "digits-cnn"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == "small_cnn" and printed["num_test"] == 360
+    assert printed["test_accuracy"] == load_teacher("digits-cnn").info["test_accuracy"]
+
+
+def test_copied_teacher_directory_loads_by_path(tmp_path):
+    from cvxdist.teachers import teacher_dir
+
+    target = tmp_path / "copy"
+    shutil.copytree(teacher_dir("digits-cnn"), target)
+    assert load_teacher(target).checkpoint_sha256 == load_teacher("digits-cnn").checkpoint_sha256
