@@ -17,6 +17,13 @@ The unregularized linear skip ``V`` and bias ``b`` are eliminated exactly: for f
 are the least-squares fit of the remaining residual, so the solvers see the *projected*
 residual :math:`r(U) = P_\perp (Y - A(U))` with :math:`P_\perp` the projector onto the
 orthogonal complement of the columns of ``[X 1]``.
+
+Placement and precision (static fields of the problem, see :mod:`cvxdist.problems`): with
+``problem.stream`` each ``X_k`` is copied from host memory to the device at the top of the
+chunk body; ``problem.precision`` selects the GEMMs of :func:`forward` and :func:`adjoint`
+(``"bf16"``: bfloat16 operands, float32 accumulation). Masks and the skip/bias projection use
+the problem dtype whatever the precision. Sharded rows need nothing here (see
+:mod:`cvxdist.sharding`).
 """
 
 from __future__ import annotations
@@ -32,20 +39,57 @@ if TYPE_CHECKING:
     from cvxdist.problems import GatedReluProblem
 
 
+try:  # jax >= 0.6
+    _DEVICE_MEMORY = jax.memory.Space.Device
+except AttributeError:  # pragma: no cover - older jax
+    _DEVICE_MEMORY = jax.sharding.TransferToMemoryKind("device")
+
+
 def chunk_masks(problem: GatedReluProblem, X_chunk: Array, mask_chunk: Array | None) -> Array:
-    """Boolean masks ``(n, P)`` of one chunk, stored or recomputed from ``X_chunk @ G``."""
-    if mask_chunk is not None:
-        return mask_chunk
-    return (X_chunk @ problem.G) >= 0
+    """Boolean masks ``(n, P)`` of one chunk, stored or recomputed from ``X_chunk @ G``.
+
+    Gates switched off by ``problem.gate_mask`` get an all-``False`` column.
+    """
+    masks = mask_chunk if mask_chunk is not None else (X_chunk @ problem.G) >= 0
+    if problem.gate_mask is not None:
+        masks = masks & problem.gate_mask
+    return masks
+
+
+def matmul(problem: GatedReluProblem, a: Array, b: Array) -> Array:
+    """``a @ b`` with the problem's GEMM precision; the result has the operands' dtype.
+
+    ``"bf16"`` rounds both operands to bfloat16 and accumulates in float32
+    (``preferred_element_type``): the tensor-core path of accelerators.
+    """
+    if problem.precision == "bf16":
+        out = jnp.matmul(
+            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+        )
+        return out.astype(jnp.result_type(a, b))
+    precision = lax.Precision.HIGHEST if problem.precision == "highest" else None
+    return jnp.matmul(a, b, precision=precision)
 
 
 def _chunk_inputs(problem: GatedReluProblem) -> tuple[Array, Array | None]:
     return problem.X, problem.masks
 
 
+def _fetching(problem: GatedReluProblem, fn: Callable) -> Callable:
+    """``fn`` with its ``X_k`` argument copied to device memory first when streaming."""
+    if not problem.stream:
+        return fn
+
+    def fetched(X_k: Array, *args: Array | None):
+        return fn(jax.device_put(X_k, _DEVICE_MEMORY), *args)
+
+    return fetched
+
+
 def map_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
     """Apply ``fn(X_k, M_k, *args_k)`` to every chunk; outputs stacked along axis 0."""
     X, masks = _chunk_inputs(problem)
+    fn = _fetching(problem, fn)
     if problem.num_chunks == 1:
         args = [None if a is None else a[0] for a in (X, masks, *chunked)]
         return jax.tree.map(lambda y: y[None], fn(*args))
@@ -55,6 +99,7 @@ def map_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) 
 def sum_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
     """Sum of ``fn(X_k, M_k, *args_k)`` over chunks, accumulated (never stacked)."""
     X, masks = _chunk_inputs(problem)
+    fn = _fetching(problem, fn)
     if problem.num_chunks == 1:
         return fn(*[None if a is None else a[0] for a in (X, masks, *chunked)])
 
@@ -62,7 +107,8 @@ def sum_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) 
         return jax.tree.map(jnp.add, total, fn(*args)), None
 
     first_args = [None if a is None else a[0] for a in (X, masks, *chunked)]
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first_args))
+    shapes = jax.eval_shape(fn, *first_args)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     total, _ = lax.scan(body, zeros, (X, masks, *chunked))
     return total
 
@@ -74,7 +120,7 @@ def forward(problem: GatedReluProblem, U: Array) -> Array:
 
     def chunk(X_k: Array, M_k: Array | None) -> Array:
         masks = chunk_masks(problem, X_k, M_k)
-        hidden = (X_k @ U_flat).reshape(-1, P, c)
+        hidden = matmul(problem, X_k, U_flat).reshape(-1, P, c)
         return jnp.sum(hidden * masks[:, :, None].astype(hidden.dtype), axis=1)
 
     return map_chunks(problem, chunk)
@@ -89,7 +135,7 @@ def adjoint(problem: GatedReluProblem, R: Array) -> Array:
     def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
         masks = chunk_masks(problem, X_k, M_k)
         masked = masks[:, :, None].astype(R_k.dtype) * R_k[:, None, :]
-        return X_k.T @ masked.reshape(-1, P * c)
+        return matmul(problem, X_k.T, masked.reshape(-1, P * c))
 
     flat = sum_chunks(problem, chunk, R)
     return jnp.transpose(flat.reshape(d, P, c), (1, 0, 2))

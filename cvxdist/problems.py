@@ -21,14 +21,40 @@ and the dual point is the scaled residual :math:`w = s\, r / N`, with :math:`s` 
 feasible scaling. The relative gap :math:`(F(U) - D(w)) / F(U)` bounds the relative
 suboptimality of ``U``.
 
-Static vs traced: array shapes, the chunking, whether masks are stored, and whether the skip
-and bias exist are static (they set shapes); λ is always a traced argument.
+Static vs traced: array shapes, the chunking, whether masks are stored, whether the skip
+and bias exist, where the rows live (``stream``) and the GEMM ``precision`` are static (they
+set shapes or the compiled program); λ is always a traced argument.
+
+Scale (see :mod:`cvxdist.sharding` for the multi-device and multi-host layout):
+
+- ``chunk_rows``: rows are processed ``n`` at a time by a ``lax.scan`` over ``K`` chunks, so
+  the ``(n, P, c)`` intermediate bounds the working memory.
+- ``stream=True``: ``X`` stays in host memory (memory kind ``pinned_host``) and each chunk is
+  copied to the device inside the scan (``jax.device_put(X_k, jax.memory.Space.Device)``);
+  masks are then recomputed per chunk. Only ``Y``, the residual and ``(n, ·)`` chunk
+  temporaries live on the device. Cost: one host→device copy of ``X`` (``N·d`` elements) per
+  operator application, i.e. two per FISTA iteration (forward and adjoint) plus one per
+  backtrack; at ~25 GB/s of PCIe/NVLink-C2C bandwidth that is the floor of an iteration.
+  JAX types the host array as ``f32<host>`` and refuses any computation on it, so the only
+  way ``X`` reaches the device is these per-chunk copies (the tests check the traced program).
+  On GPU/TPU XLA's host-offloading pass lowers each one to an asynchronous host→device copy
+  of one chunk; on CPU host and device memory coincide and the copy is free. This has not
+  been run on an accelerator yet; ``pinned_host`` memory is page-locked, so the host must
+  allow that much locked memory.
+- ``devices``: rows sharded over a 1-D device mesh (data parallel; XLA inserts the all-reduces).
+- ``precision``: ``"default"`` (XLA's default GEMM precision for the dtype; on GPU this may be
+  TF32 for float32), ``"highest"`` (true float32/float64 GEMMs) or ``"bf16"`` (bfloat16 GEMM
+  operands with float32 accumulation). Masks are computed the same way whatever the GEMM
+  precision, so every precision solves the same problem, and :func:`certify` recomputes the
+  certificate with ``"highest"`` GEMMs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import equinox as eqx
 import jax
@@ -39,10 +65,15 @@ from jax import Array
 from cvxdist import operators
 from cvxdist.prox import Regularizer
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
 #: Largest ``n · P · c`` intermediate (elements) a chunk may create by default (256 MiB f32).
 DEFAULT_CHUNK_ELEMENTS = 2**26
 #: Masks are stored as booleans when ``N · P`` is at most this many bytes.
 DEFAULT_MASK_BYTES = 2**31
+#: GEMM precisions (see the module docstring).
+PRECISIONS = ("default", "highest", "bf16")
 
 
 class GatedReluProblem(eqx.Module):
@@ -57,6 +88,10 @@ class GatedReluProblem(eqx.Module):
         gram_pinv: pseudo-inverse of the Gram matrix of the skip/bias columns, or ``None``.
         num_rows: the true ``N`` (static).
         skip, bias: whether the unregularized linear skip / bias are part of the model.
+        gate_mask: ``(P,)`` booleans, or ``None`` (all gates live). A ``False`` gate has an
+            all-zero mask column, so it contributes nothing (padding of screened problems).
+        precision: GEMM precision, one of :data:`PRECISIONS` (static).
+        stream: ``X`` lives in host memory and chunks are copied to the device (static).
     """
 
     X: Array
@@ -68,6 +103,15 @@ class GatedReluProblem(eqx.Module):
     num_rows: int = eqx.field(static=True)
     skip: bool = eqx.field(static=True, default=False)
     bias: bool = eqx.field(static=True, default=False)
+    gate_mask: Array | None = None
+    precision: str = eqx.field(static=True, default="default")
+    stream: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
 
     @property
     def num_chunks(self) -> int:
@@ -102,8 +146,11 @@ class GatedReluProblem(eqx.Module):
         return jnp.zeros(self.weight_shape, self.dtype)
 
     def rows(self) -> tuple[Array, Array]:
-        """The unpadded ``X (N, d)`` and ``Y (N, c)``."""
-        X = self.X.reshape(-1, self.num_features)[: self.num_rows]
+        """The unpadded ``X (N, d)`` and ``Y (N, c)`` (on the device, even when streaming)."""
+        X = self.X
+        if self.stream:
+            X = jax.device_put(X, X.sharding.with_memory_kind("device"))
+        X = X.reshape(-1, self.num_features)[: self.num_rows]
         Y = self.Y.reshape(-1, self.num_outputs)[: self.num_rows]
         return X, Y
 
@@ -160,6 +207,9 @@ def make_problem(
     chunk_rows: int | None = None,
     store_masks: bool | None = None,
     dtype: jnp.dtype | str | None = None,
+    stream: bool = False,
+    devices: int | Sequence[jax.Device] | Mesh | None = None,
+    precision: str = "default",
 ) -> GatedReluProblem:
     """Build a :class:`GatedReluProblem` from host or device arrays.
 
@@ -170,12 +220,21 @@ def make_problem(
         skip: add an unregularized linear skip ``V (d, c)``.
         bias: add an unregularized bias ``b (c,)``.
         chunk_rows: rows per chunk; default keeps the ``(n, P, c)`` intermediate ≤ 256 MiB.
-        store_masks: store boolean masks (default: when ``N · P`` ≤ 2 GiB).
+            Rounded up to a multiple of the number of devices when sharded.
+        store_masks: store boolean masks (default: when ``N · P`` ≤ 2 GiB and not streaming).
         dtype: float dtype (default: X's float dtype, canonicalized as JAX does).
+        stream: keep ``X`` in host memory and copy one chunk at a time to the device inside
+            the solve (for data larger than device memory; masks are then recomputed).
+        devices: shard rows over these devices (a count, a list, or a 1-D
+            :class:`jax.sharding.Mesh`); ``None`` keeps everything on the default device.
+            See :mod:`cvxdist.sharding`.
+        precision: GEMM precision, ``"default"``, ``"highest"`` or ``"bf16"``.
 
     Raises:
-        ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size.
+        ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size or options.
     """
+    from cvxdist import sharding
+
     X, Y, G = validate_arrays(X, Y, G)
     if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
         floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
@@ -183,32 +242,60 @@ def make_problem(
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
         raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if stream and store_masks:
+        raise ValueError(
+            "store_masks=True cannot be combined with stream=True (masks are "
+            "recomputed per chunk when X stays on the host)"
+        )
     N = X.shape[0]
     c = Y.shape[1]
     P = G.shape[1]
+    mesh = None if devices is None else sharding.row_mesh(devices)
+    num_devices = 1 if mesh is None else mesh.size
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(N, P, c)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows}")
     chunk_rows = min(int(chunk_rows), N)
+    chunk_rows = num_devices * math.ceil(chunk_rows / num_devices)
     K = math.ceil(N / chunk_rows)
     padded = K * chunk_rows
     if store_masks is None:
-        store_masks = N * P <= DEFAULT_MASK_BYTES
+        store_masks = (not stream) and N * P <= DEFAULT_MASK_BYTES
 
-    def chunked(a: np.ndarray) -> Array:
-        a = jnp.asarray(a, dtype)
+    def chunked(a: np.ndarray) -> np.ndarray:
+        """Host copy padded to ``K · n`` rows and viewed as ``(K, n, ·)``."""
+        a = np.asarray(a, dtype)
         if padded > N:
-            a = jnp.concatenate([a, jnp.zeros((padded - N, a.shape[1]), dtype)])
+            a = np.concatenate([a, np.zeros((padded - N, a.shape[1]), dtype)])
         return a.reshape(K, chunk_rows, a.shape[1])
 
-    Xc, Yc, Gd = chunked(X), chunked(Y), jnp.asarray(G, dtype)
+    place = sharding.placer(mesh)
+    Xc = place(chunked(X), rows_axis=1, memory_kind="pinned_host" if stream else None)
+    Yc = place(chunked(Y), rows_axis=1)
+    Gd = place(np.asarray(G, dtype))
     masks = _compute_masks(Xc, Gd) if store_masks else None
     valid = None
     if padded > N:
-        valid = (jnp.arange(padded) < N).astype(dtype).reshape(K, chunk_rows)
+        valid = place((np.arange(padded) < N).astype(dtype).reshape(K, chunk_rows), rows_axis=1)
     gram_pinv = _unregularized_gram_pinv(X, skip, bias, dtype)
-    return GatedReluProblem(Xc, Yc, Gd, masks, valid, gram_pinv, N, bool(skip), bool(bias))
+    if gram_pinv is not None:
+        gram_pinv = place(np.asarray(gram_pinv))
+    return GatedReluProblem(
+        Xc,
+        Yc,
+        Gd,
+        masks,
+        valid,
+        gram_pinv,
+        N,
+        bool(skip),
+        bool(bias),
+        precision=precision,
+        stream=bool(stream),
+    )
 
 
 @jax.jit
@@ -217,18 +304,20 @@ def _compute_masks(X: Array, G: Array) -> Array:
 
 
 def _unregularized_gram_pinv(
-    X: np.ndarray, skip: bool, bias: bool, dtype: jnp.dtype
-) -> Array | None:
+    X: np.ndarray, skip: bool, bias: bool, dtype: jnp.dtype, block_rows: int = 65536
+) -> np.ndarray | None:
+    """Pseudo-inverse of ``[X 1]ᵀ[X 1]`` (the enabled columns), accumulated in float64 over
+    row blocks so that no float64 copy of ``X`` is made."""
     if not (skip or bias):
         return None
-    columns = []
-    if skip:
-        columns.append(np.asarray(X, np.float64))
-    if bias:
-        columns.append(np.ones((X.shape[0], 1)))
-    features = np.concatenate(columns, axis=1)
-    gram = features.T @ features
-    return jnp.asarray(np.linalg.pinv(gram, rcond=1e-10, hermitian=True), dtype)
+    width = (X.shape[1] if skip else 0) + (1 if bias else 0)
+    gram = np.zeros((width, width))
+    for start in range(0, X.shape[0], block_rows):
+        block = np.asarray(X[start : start + block_rows], np.float64)
+        columns = ([block] if skip else []) + ([np.ones((len(block), 1))] if bias else [])
+        features = np.concatenate(columns, axis=1)
+        gram += features.T @ features
+    return np.linalg.pinv(gram, rcond=1e-10, hermitian=True).astype(dtype)
 
 
 class Evaluation(NamedTuple):
@@ -262,15 +351,102 @@ def evaluate(
     # D(s r / N) = s <r, Ỹ>/N - s² ||r||²/(2N) - (λR)*(-s grad), and <r, Ỹ> = <r, Y> because
     # r is already projected. For norms, the best s in [0, s_max] has a closed form.
     linear = jnp.sum(r * problem.Y) / N
-    if reg.finite_conjugate:
-        s = jnp.ones((), r.dtype)
-    else:
-        s_best = linear / jnp.where(loss > 0, 2.0 * loss, 1.0)
-        s = jnp.clip(s_best, 0.0, reg.dual_scale(grad, lam))
+    s = _dual_scaling(reg, lam, grad, linear, loss)
     dual = s * linear - s * s * loss - reg.conjugate(s * grad, lam)
     floor = jnp.finfo(primal.dtype).eps * 0.5 * jnp.sum(problem.Y * problem.Y) / N
     rel_gap = jnp.maximum(primal - dual, 0.0) / jnp.maximum(primal, floor)
     return Evaluation(primal, dual, rel_gap, loss, penalty)
+
+
+def _dual_scaling(reg: Regularizer, lam: Array, grad: Array, linear: Array, loss: Array) -> Array:
+    """The scaling ``s`` of the dual point ``w = s r / N`` (see :func:`evaluate`)."""
+    if reg.finite_conjugate:
+        return jnp.ones((), loss.dtype)
+    s_best = linear / jnp.where(loss > 0, 2.0 * loss, 1.0)
+    return jnp.clip(s_best, 0.0, reg.dual_scale(grad, lam))
+
+
+def dual_scaling(
+    problem: GatedReluProblem, reg: Regularizer, lam: Array, r: Array, grad: Array
+) -> Array:
+    """The ``s`` of the dual point ``w = s r / N`` that :func:`evaluate` uses.
+
+    ``Aᵀ w = -s · grad``, so ``-s · grad`` is the dual correlation that gap-safe screening
+    tests (:mod:`cvxdist.screening`).
+    """
+    N = problem.num_rows
+    loss = 0.5 * jnp.sum(r * r) / N
+    linear = jnp.sum(r * problem.Y) / N
+    return _dual_scaling(reg, lam, grad, linear, loss)
+
+
+class Certificate(NamedTuple):
+    """Everything the duality gap at ``U`` is made of (see :func:`certify`)."""
+
+    evaluation: Evaluation
+    residual: Array  # r = P⊥(Y - A(U)), (K, n, c)
+    grad: Array  # -Aᵀ r / N, (P, d, c)
+    beta: Array | None  # skip/bias least-squares coefficients
+    scale: Array  # s of the dual point w = s r / N
+
+
+def with_precision(problem: GatedReluProblem, precision: str) -> GatedReluProblem:
+    """The same problem (same arrays, no copy) with another GEMM precision."""
+    if precision == problem.precision:
+        return problem
+    return dataclasses.replace(problem, precision=precision)
+
+
+@eqx.filter_jit
+def certify(
+    problem: GatedReluProblem, reg: Regularizer, lam: Array, U: Array, precision: str = "highest"
+) -> Certificate:
+    """Residual, gradient and duality gap at ``U``, with ``precision`` GEMMs.
+
+    The default recomputes the certificate with true float32/float64 GEMMs whatever precision
+    the solve used, so the reported gap is honest (``precision`` is static).
+    """
+    problem = with_precision(problem, precision)
+    r, beta = operators.residual(problem, U)
+    grad = -operators.adjoint(problem, r) / problem.num_rows
+    evaluation = evaluate(problem, reg, lam, U, r, grad)
+    scale = dual_scaling(problem, reg, lam, r, grad)
+    return Certificate(evaluation, r, grad, beta, scale)
+
+
+def restrict_gates(problem: GatedReluProblem, index: np.ndarray, size: int) -> GatedReluProblem:
+    """The problem on the gates ``index`` only, padded with dead gates to ``size`` gates.
+
+    Rows, targets and their chunking are shared (no copy of ``X``); ``G`` and stored masks
+    are gathered. The padding gates have ``gate_mask = False``: their mask column is zero, so
+    their weights get a zero gradient and stay zero from a zero start.
+
+    Args:
+        index: ``(p,)`` host integer array of gate indices, ``p ≤ size``.
+        size: the number of gates of the result (static; bucket it to limit recompilations).
+    """
+    index = np.asarray(index, np.int64)
+    if index.ndim != 1 or len(index) > size or len(index) == 0:
+        raise ValueError(f"need 1 ≤ len(index) ≤ size, got {len(index)} and size {size}")
+    take, live = padded_index(index, size)
+    G, masks, gate_mask = _gather_gates(problem.G, problem.masks, problem.gate_mask, take, live)
+    return dataclasses.replace(problem, G=G, masks=masks, gate_mask=gate_mask)
+
+
+def padded_index(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index`` padded with zeros to ``size`` entries, and the mask of the real ones."""
+    take = np.zeros(size, np.int32)
+    take[: len(index)] = index
+    return take, np.arange(size) < len(index)
+
+
+@jax.jit
+def _gather_gates(
+    G: Array, masks: Array | None, gate_mask: Array | None, take: Array, live: Array
+) -> tuple[Array, Array | None, Array]:
+    if gate_mask is not None:
+        live = live & gate_mask[take]
+    return G[:, take], None if masks is None else masks[..., take], live
 
 
 def target_projected(problem: GatedReluProblem) -> Array:
@@ -291,5 +467,5 @@ def correlation(problem: GatedReluProblem) -> Array:
 
 @eqx.filter_jit
 def lam_max(problem: GatedReluProblem, reg: Regularizer) -> Array:
-    """Smallest λ at which ``U = 0`` is optimal for ``reg``."""
-    return reg.lam_max(correlation(problem))
+    """Smallest λ at which ``U = 0`` is optimal for ``reg`` (full-precision GEMMs)."""
+    return reg.lam_max(correlation(with_precision(problem, "highest")))
