@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.problems import GatedReluProblem, lam_max
+from cvxdist.problems import GatedReluProblem, lam_max, with_precision
 from cvxdist.prox import Regularizer, get_regularizer
 from cvxdist.solvers.common import IterativeSolver, Solution, iterate
 from cvxdist.solvers.fista import Fista
@@ -138,6 +138,25 @@ def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
     return U0
 
 
+def _phased(screen: bool) -> Callable[..., Solution]:
+    """The phased solve of :mod:`cvxdist.phases` with the signature of ``_solve_core``."""
+    from cvxdist.phases import solve_phased
+
+    def run(
+        solver: IterativeSolver,
+        problem: GatedReluProblem,
+        lam: Array,
+        U0: Array,
+        tol: float,
+        max_iters: int,
+    ) -> Solution:
+        return solve_phased(
+            solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
+        )
+
+    return run
+
+
 def _timed(fn: Any, *args: Any) -> Solution:
     start = time.perf_counter()
     solution = jax.block_until_ready(fn(*args))
@@ -158,6 +177,7 @@ def solve(
     tol: float = 1e-3,
     max_iters: int = 10_000,
     init: Array | Solution | None = None,
+    screen: bool = False,
     **solver_options: Any,
 ) -> Solution:
     """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
@@ -169,10 +189,13 @@ def solve(
         solver: ``fista`` (R-FISTA), ``admm``, ``auto`` or a solver instance.
         tol: target relative duality gap (static loop bound is ``max_iters``).
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
+        screen: remove gates proven zero by gap-safe screening during the solve
+            (:mod:`cvxdist.phases`); ``stats.screened`` counts them.
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
-        when this is the first call for these shapes.
+        when this is the first call for these shapes. With ``screen`` or a ``"bf16"`` problem
+        the solve runs in phases and the certificate is recomputed with full-precision GEMMs.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
@@ -180,6 +203,10 @@ def solve(
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
     dtype = problem.dtype
+    if screen or problem.precision == "bf16":
+        return _timed(
+            _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
+        )
     return _timed(
         _solve_core,
         solver_obj,
@@ -224,16 +251,33 @@ def solve_batch(
     U0 = jnp.zeros(shape, dtype) if init is None else jnp.asarray(init, dtype)
     if U0.shape[-3:] != shape:
         raise ValueError(f"init must have shape {shape} or (L, *{shape}), got {U0.shape}")
-    return _timed(
-        _solve_batch_core,
-        solver_obj,
-        problem,
-        jnp.asarray(lams_np, dtype),
-        U0,
-        jnp.asarray(tol, dtype),
-        int(max_iters),
-        0 if batched_problem else None,
+    args = (jnp.asarray(lams_np, dtype), U0, jnp.asarray(tol, dtype), int(max_iters))
+    axis = 0 if batched_problem else None
+    if problem.precision == "bf16":
+        return _timed(_bf16_then_highest, solver_obj, problem, *args, axis)
+    return _timed(_solve_batch_core, solver_obj, problem, *args, axis)
+
+
+def _bf16_then_highest(
+    solver: IterativeSolver,
+    problem: GatedReluProblem,
+    lams: Array,
+    U0: Array,
+    tol: Array,
+    max_iters: int,
+    axis: int | None,
+) -> Solution:
+    """A bf16 batch, then the same batch with full-precision GEMMs warm-started from it.
+
+    Lanes whose float32 gap already meets ``tol`` stop at iteration 0 of the second run; its
+    certificate (float32 GEMMs) is the one reported. Iterations add up.
+    """
+    low = _solve_batch_core(solver, problem, lams, U0, tol, max_iters, axis)
+    high = _solve_batch_core(
+        solver, with_precision(problem, "highest"), lams, low.weights.U, tol, max_iters, axis
     )
+    total = low.stats.iterations + high.stats.iterations
+    return eqx.tree_at(lambda s: s.stats.iterations, high, total)
 
 
 def _unbatched_weight_shape(problem: GatedReluProblem) -> tuple[int, int, int]:
@@ -266,12 +310,14 @@ def solve_path(
     tol: float = 1e-3,
     max_iters: int = 10_000,
     progress: bool = True,
+    screen: bool = False,
     **solver_options: Any,
 ) -> list[Solution]:
     """Warm-started regularization path, largest λ first (one compilation for all λ).
 
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
-    descending. Returns one Solution per λ, in that order.
+    descending. Returns one Solution per λ, in that order. ``screen`` applies gap-safe
+    screening to each solve (see :func:`solve`).
     """
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
@@ -287,15 +333,16 @@ def solve_path(
     solutions = []
     from tqdm.auto import tqdm
 
+    phased = screen or problem.precision == "bf16"
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             solution = _timed(
-                _solve_core,
+                _phased(screen) if phased else _solve_core,
                 solver_obj,
                 problem,
                 jnp.asarray(lam, dtype),
                 U,
-                jnp.asarray(tol, dtype),
+                tol if phased else jnp.asarray(tol, dtype),
                 int(max_iters),
             )
             U = solution.weights.U

@@ -54,6 +54,7 @@ class SolveStats(NamedTuple):
     step: Array  # final step size (FISTA) or penalty ρ (ADMM)
     active_gates: Array  # gates with a non-zero block
     time_s: Array  # wall time of the whole call (filled on the host; NaN inside jit)
+    screened: Array | int = 0  # gates removed by gap-safe screening (cvxdist.phases)
 
 
 class Solution(eqx.Module):
@@ -146,6 +147,7 @@ def iterate(
         step=solver.stats_extra(state),
         active_gates=active,
         time_s=jnp.full((), jnp.nan, evaluation.primal.dtype),
+        screened=jnp.zeros((), jnp.int32),
     )
     return Solution(weights, result, stats)
 

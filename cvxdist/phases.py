@@ -1,0 +1,243 @@
+"""Solves run in host-driven phases: gap-safe screening and bfloat16 GEMMs.
+
+Every phase is one call of the ordinary compiled solve (:func:`cvxdist.solvers.iterate` under
+``jit``), warm-started from the previous phase, with an iteration budget passed as a traced
+scalar (so budgets never recompile). Between phases, on the host:
+
+- **screening** (``screen=True``): the gap-safe test of :mod:`cvxdist.screening` removes the
+  gates that are provably zero at the optimum, and the next phase runs on the problem
+  restricted to the survivors (:func:`cvxdist.problems.restrict_gates`): ``G``, the stored
+  masks and every GEMM shrink to ``p`` gates. ``p`` is bucketed (``64 · 2^k``) so a solve
+  compiles at most ``log2(P / 64) + 1`` programs; padding gates are dead (zero mask). Phase
+  lengths grow geometrically (``first_phase``, ×``growth``), so the test runs ``O(log iters)``
+  times. Each phase restarts the solver's momentum and step search: that is the price.
+- **precision** (``problem.precision == "bf16"``): phases run with bfloat16 GEMMs while the
+  true (float32) duality gap keeps falling; once a phase fails to halve it, or the bfloat16
+  solve stops on its own gap or a failed line search, the remaining phases use
+  ``"highest"`` GEMMs. So a bf16 solve ends with the same guarantee as a float32 one.
+
+The certificate reported at the end is always recomputed on the *full* problem with
+``"highest"`` GEMMs (:func:`cvxdist.problems.certify`), and ``converged`` means that gap is at
+most ``tol``. These are the only Python loops over iterations in the library (a few phases per
+solve, not one per iteration).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from cvxdist.problems import (
+    GatedReluProblem,
+    certify,
+    padded_index,
+    restrict_gates,
+    with_precision,
+)
+from cvxdist.screening import (
+    MIN_BUCKET,
+    bucket_size,
+    gap_to_screen,
+    operator_norm_bounds,
+    screen,
+)
+from cvxdist.solvers.common import (
+    RESULTS,
+    IterativeSolver,
+    Solution,
+    SolveStats,
+    Weights,
+    split_unregularized,
+)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _embed(U_sub: Array, take: Array, live: Array, num_gates: int) -> Array:
+    """Full ``(P, d, c)`` weights from restricted ones (``take``/``live``: see
+    :func:`cvxdist.problems.padded_index`)."""
+    U = jnp.zeros((num_gates, *U_sub.shape[1:]), U_sub.dtype)
+    return U.at[take].add(jnp.where(live[:, None, None], U_sub, 0.0))
+
+
+@jax.jit
+def _take(U_sub: Array, take: Array, live: Array) -> Array:
+    """Restricted weights ``U_sub[take]`` with the padding slots zeroed."""
+    return jnp.where(live[:, None, None], U_sub[take], 0.0)
+
+
+def solve_phased(
+    solver: IterativeSolver,
+    problem: GatedReluProblem,
+    lam: Array,
+    U0: Array,
+    tol: float,
+    max_iters: int,
+    *,
+    screen_gates: bool = True,
+    shrink: float = 0.1,
+    bf16_phase: int = 50,
+    min_bucket: int = MIN_BUCKET,
+    max_phases: int = 100,
+) -> Solution:
+    """Solve in phases with screening and/or bf16 GEMMs (see the module docstring).
+
+    Args:
+        lam: traced λ (a 0-d array of the problem dtype).
+        U0: warm start ``(P, d, c)``.
+        tol: target relative duality gap of the full problem, certified at full precision.
+        max_iters: total iteration budget over all phases.
+        screen_gates: run the gap-safe test between phases and shrink the problem.
+        shrink: each phase runs until the gap has fallen by this factor (or to ``tol``).
+        bf16_phase: iteration cap of a bfloat16 phase (its progress is checked after it).
+        min_bucket: smallest gate bucket of a restricted problem.
+        max_phases: safety bound on the number of phases.
+
+    Returns:
+        A Solution on the full problem; ``stats.screened`` is the number of gates removed,
+        ``stats.time_s`` is NaN (the caller times the call).
+    """
+    from cvxdist.solvers.api import _solve_core
+
+    reg = solver.reg
+    dtype = problem.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    num_gates = problem.num_gates
+    precision = problem.precision
+    bounds = operator_norm_bounds(problem) if screen_gates else None
+    active = np.arange(num_gates)
+    sub, sub_bounds, U_sub = problem, bounds, U0
+    if screen_gates:  # the same pytree structure (a gate mask) for every phase: fewer compiles
+        sub = restrict_gates(problem, active, num_gates)
+    floor = float(tol)
+    iterations = 0
+    result = RESULTS.max_steps_reached
+    last = None
+    target = math.inf
+    previous_gap = math.inf
+    line_search_failed = False
+    for _ in range(max_phases):
+        # Full-precision gap of the restricted problem (with safe screening it bounds the
+        # suboptimality of the full problem), and the gates it proves zero.
+        if screen_gates:
+            test = screen(sub, reg, lam, U_sub, sub_bounds)
+            gap = float(test.rel_gap)
+            keep = np.asarray(test.keep)[: len(active)]
+            if not keep.all():
+                survivors = np.flatnonzero(keep)
+                active = active[survivors]
+                if len(active) == 0:  # every gate is provably zero: the zero model
+                    U_sub = None
+                    result = RESULTS.successful
+                    break
+                size = bucket_size(len(active), num_gates, min_bucket)
+                sub = restrict_gates(problem, active, size)
+                sub_bounds = jnp.asarray(np.asarray(bounds)[padded_index(active, size)[0]])
+                U_sub = _take(U_sub, *padded_index(survivors, size))
+        else:
+            gap = float(certify(sub, reg, lam, U_sub).evaluation.rel_gap)
+        if not np.isfinite(gap):
+            result = RESULTS.nonfinite
+            break
+        if gap <= floor:
+            full = U_sub
+            if screen_gates:
+                full = _embed(U_sub, *padded_index(active, sub.num_gates), num_gates)
+            final = _final_solution(solver, problem, lam, full, last, iterations, active)
+            if float(final.stats.rel_gap) <= tol:
+                return eqx.tree_at(lambda s: s.result, final, RESULTS.successful)
+            # Screened gates' dual constraints bind at this dual point: go on, tighter.
+            floor = max(floor * shrink, eps)
+        if last is not None and precision != "highest":
+            if precision == "bf16":
+                stalled = line_search_failed or gap > 0.5 * previous_gap
+            else:  # XLA's default GEMMs (TF32 on some GPUs) claimed a gap they do not have
+                stalled = line_search_failed or (bool(last.converged) and gap > 2.0 * target)
+            if stalled:  # low-precision GEMMs cannot take the gap further: finish in full
+                precision = "highest"
+        elif last is not None and line_search_failed:
+            result = RESULTS.linesearch_failed
+            break
+        budget = int(max_iters) - iterations
+        if budget <= 0:
+            break
+        if precision == "bf16":
+            budget = min(budget, bf16_phase)
+        target = floor
+        if screen_gates:
+            # Run until the gap is small enough to halve the bucket (were the dual
+            # correlations to stay put), so that every test removes gates.
+            half = bucket_size(len(active), num_gates, min_bucket) // 2
+            if half >= min_bucket:
+                wanted = gap_to_screen(test, problem.num_rows, len(active) - half)
+                target = max(floor, min(wanted, gap * shrink))
+        elif precision != "highest":
+            target = max(floor, gap * shrink)
+        previous_gap = gap
+        last = _solve_core(
+            solver,
+            with_precision(sub, precision),
+            lam,
+            U_sub,
+            jnp.asarray(target, dtype),
+            jnp.asarray(budget, jnp.int32),
+        )
+        iterations += int(last.stats.iterations)
+        U_sub = last.weights.U
+        line_search_failed = bool(last.result == RESULTS.linesearch_failed)
+    if U_sub is None:
+        U = problem.zeros()
+    elif screen_gates:
+        U = _embed(U_sub, *padded_index(active, sub.num_gates), num_gates)
+    else:
+        U = U_sub
+    final = _final_solution(solver, problem, lam, U, last, iterations, active)
+    return eqx.tree_at(lambda s: s.result, final, result)
+
+
+def _final_solution(
+    solver: IterativeSolver,
+    problem: GatedReluProblem,
+    lam: Array,
+    U: Array,
+    last: Solution | None,
+    iterations: int,
+    active: np.ndarray,
+) -> Solution:
+    """The Solution at full weights ``U`` (result code: max_steps_reached, to be set)."""
+    step = last.stats.step if last is not None else jnp.full((), jnp.nan, problem.dtype)
+    weights, stats = _final_stats(solver, problem, lam, U, step)
+    stats = stats._replace(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        screened=jnp.asarray(problem.num_gates - len(active), jnp.int32),
+    )
+    return Solution(weights, RESULTS.max_steps_reached, stats)
+
+
+@eqx.filter_jit
+def _final_stats(
+    solver: IterativeSolver, problem: GatedReluProblem, lam: Array, U: Array, step: Array
+) -> tuple[Weights, SolveStats]:
+    """Weights and statistics of ``U`` on the full problem, with full-precision GEMMs."""
+    cert = certify(problem, solver.reg, lam, U)
+    evaluation = cert.evaluation
+    safe_step = jnp.where(jnp.isfinite(step) & (step > 0), step, 1.0)
+    V, b = split_unregularized(problem, cert.beta)
+    stats = SolveStats(
+        iterations=jnp.zeros((), jnp.int32),
+        objective=evaluation.primal,
+        dual_objective=evaluation.dual,
+        rel_gap=evaluation.rel_gap,
+        subgrad_norm_sq=solver.reg.min_norm_subgradient_sq(U, cert.grad, lam, safe_step),
+        lam=lam,
+        step=step,
+        active_gates=jnp.sum(solver.reg.group_norms(U) > 0),
+        time_s=jnp.full((), jnp.nan, problem.dtype),
+        screened=jnp.zeros((), jnp.int32),
+    )
+    return Weights(U, V, b), stats
