@@ -35,6 +35,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip", action="store_true", help="add an unregularized linear skip")
     parser.add_argument("--bias", action="store_true", help="add an unregularized bias")
     parser.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="keep X in host memory and copy one chunk of rows at a time to the device",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="shard rows over the first K visible devices (default 0: all of them)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("default", "highest", "bf16"),
+        default="default",
+        help="GEMM precision; bf16 = bfloat16 operands with float32 accumulation (the gap "
+        "is always certified with full-precision GEMMs)",
+    )
+    parser.add_argument(
+        "--screen",
+        action="store_true",
+        help="remove gates proven zero by gap-safe screening during the solve",
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", type=Path, required=True, help="where to write SOL.npz")
     parser.set_defaults(func=run)
@@ -100,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-iters must be at least 1, got {args.max_iters}")
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise UserError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
+    if args.devices < 0:
+        raise UserError(f"--devices must be 0 (all) or a positive count, got {args.devices}")
     _check_out(args.out)
     arrays = load_problem_arrays(args.problem)
 
@@ -110,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvxdist.problems import make_problem
+    from cvxdist.sharding import devices_of
     from cvxdist.solvers import choose_solver, solve
 
+    visible = len(jax.devices())
+    if args.devices > visible:
+        raise UserError(f"--devices {args.devices}: only {visible} device(s) visible")
+    num_devices = args.devices or visible
     try:
         problem = make_problem(
             arrays["X"],
@@ -121,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
             bias=args.bias,
             chunk_rows=args.chunk_rows,
             dtype=args.dtype,
+            stream=args.stream,
+            devices=num_devices if num_devices > 1 else None,
+            precision=args.precision,
         )
     except ValueError as err:
         raise UserError(f"{args.problem}: {err}") from None
@@ -134,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             solver=solver,
             tol=args.tol,
             max_iters=args.max_iters,
+            screen=args.screen,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -153,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         "dual_objective": float(stats.dual_objective),
         "subgrad_norm_sq": float(stats.subgrad_norm_sq),
         "active_gates": int(stats.active_gates),
+        "screened": int(stats.screened),
         "message": solution.message,
         "reg": args.reg,
         "solver": solver,
@@ -164,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
             "P": problem.num_gates,
         },
         "dtype": args.dtype,
-        "devices": [str(device) for device in jax.devices()],
+        "precision": args.precision,
+        "stream": args.stream,
+        "chunk_rows": problem.chunk_rows,
+        "devices": [str(device) for device in devices_of(problem)],
     }
     out = {"U": np.asarray(solution.weights.U)}
     if solution.weights.V is not None:
