@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def main() -> None:
         "patch_row_dim": row_dim,
         "patch_rows_seconds": round(rows_s, 3),
         "patch_rows_images_per_s": round(len(images) / rows_s, 1),
+        # all patch rows would take rows·dim·4 bytes; the peak stays near one chunk's worth
+        "patch_rows_total_mib": round(rows * row_dim * 4 / 2**20, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": machine_description(),
     }
     write_json(Path(args.out), result)

@@ -87,7 +87,9 @@ def run_eval(args: argparse.Namespace) -> int:
     teacher = load_teacher(args.teacher)
     test = load_dataset(teacher.dataset, "test", args.data_dir)
     if args.limit is not None:
-        test = test.take(slice(0, args.limit))
+        import numpy as np
+
+        test = test.take(np.arange(min(args.limit, len(test))))
     tic = time.perf_counter()
     accuracy = teacher.accuracy(test.images, test.labels, args.batch_size)
     print(

@@ -94,30 +94,18 @@ class BasicBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    """``num_blocks`` basic blocks; the first one applies ``stride``."""
+    """``depth`` basic blocks (``residual``) or plain ConvBN layers; the first one strides."""
 
     features: int
-    num_blocks: int
+    depth: int
     stride: int
+    residual: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        for i in range(self.num_blocks):
-            x = BasicBlock(self.features, self.stride if i == 0 else 1)(x, train)
-        return x
-
-
-class ConvStage(nn.Module):
-    """Plain ConvBN layers (the small CNN's stages); the first one applies ``stride``."""
-
-    features: int
-    num_layers: int
-    stride: int
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        for i in range(self.num_layers):
-            x = ConvBN(self.features, stride=self.stride if i == 0 else 1)(x, train)
+        layer = BasicBlock if self.residual else ConvBN
+        for i in range(self.depth):
+            x = layer(self.features, stride=self.stride if i == 0 else 1)(x, train)
         return x
 
 
@@ -175,8 +163,8 @@ class CutNetwork(nn.Module):
         if name == "head":
             return Head(cfg.num_classes, name=name)
         features, depth, stride = stages[int(name.removeprefix("stage")) - 1]
-        stage_cls = Stage if kind == "residual" else ConvStage
-        return stage_cls(_scaled(features, cfg.width), depth, stride, name=name)
+        residual = kind == "residual"
+        return Stage(_scaled(features, cfg.width), depth, stride, residual, name=name)
 
     @nn.compact
     def __call__(
