@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -87,13 +86,6 @@ class Dataset:
             labels=self.labels[indices],
             split=split or self.split,
         )
-
-    def fingerprint(self) -> str:
-        """A short content hash of the images (for cache keys)."""
-        digest = hashlib.blake2b(digest_size=12)
-        digest.update(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
-        return digest.hexdigest()
 
 
 def load_dataset(

@@ -100,5 +100,7 @@ def test_teacher_train_and_eval_commands(uninterrupted, capsys):
     assert main(["teacher", "eval", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-9)
+    assert main(["teacher", "eval", str(out), "--limit", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_test"] == 50
     assert main(["teacher", "train", "--model", "vgg", "--dataset", "digits", "--epochs", "1",
                  "--out", str(out / "x")]) == 2  # fmt: skip
