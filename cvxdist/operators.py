@@ -75,13 +75,22 @@ def _chunk_inputs(problem: GatedReluProblem) -> tuple[Array, Array | None]:
     return problem.X, problem.masks
 
 
+def to_device(problem: GatedReluProblem, X: Array) -> Array:
+    """``X`` (all of it or a chunk) in device memory: a host→device copy when streaming.
+
+    Works eagerly and under ``jit`` (where a host array is typed ``f32<host>`` and cannot
+    enter any computation before this copy).
+    """
+    return jax.device_put(X, _DEVICE_MEMORY) if problem.stream else X
+
+
 def _fetching(problem: GatedReluProblem, fn: Callable) -> Callable:
     """``fn`` with its ``X_k`` argument copied to device memory first when streaming."""
     if not problem.stream:
         return fn
 
     def fetched(X_k: Array, *args: Array | None):
-        return fn(jax.device_put(X_k, _DEVICE_MEMORY), *args)
+        return fn(to_device(problem, X_k), *args)
 
     return fetched
 

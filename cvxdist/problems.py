@@ -147,9 +147,7 @@ class GatedReluProblem(eqx.Module):
 
     def rows(self) -> tuple[Array, Array]:
         """The unpadded ``X (N, d)`` and ``Y (N, c)`` (on the device, even when streaming)."""
-        X = self.X
-        if self.stream:
-            X = jax.device_put(X, X.sharding.with_memory_kind("device"))
+        X = operators.to_device(self, self.X)
         X = X.reshape(-1, self.num_features)[: self.num_rows]
         Y = self.Y.reshape(-1, self.num_outputs)[: self.num_rows]
         return X, Y
