@@ -11,10 +11,12 @@ scalar (so budgets never recompile). Between phases, on the host:
   compiles at most ``log2(P / 64) + 1`` programs; padding gates are dead (zero mask). Phase
   lengths grow geometrically (``first_phase``, ×``growth``), so the test runs ``O(log iters)``
   times. Each phase restarts the solver's momentum and step search: that is the price.
-- **precision** (``problem.precision == "bf16"``): phases run with bfloat16 GEMMs while the
-  true (float32) duality gap keeps falling; once a phase fails to halve it, or the bfloat16
-  solve stops on its own gap or a failed line search, the remaining phases use
-  ``"highest"`` GEMMs. So a bf16 solve ends with the same guarantee as a float32 one.
+- **precision** (``problem.precision == "bf16"``, or ``"default"`` off CPU where XLA's
+  default float32 GEMMs are TF32 or bfloat16 passes, see :func:`exact_gemms`): phases run
+  with the cheap GEMMs while the true (float32) duality gap keeps falling; once a bf16 phase
+  fails to halve it, or the solve claims a gap that the full-precision recomputation does not
+  confirm, or its line search fails, the remaining phases use ``"highest"`` GEMMs. So a bf16
+  solve ends with the same guarantee as a float32 one.
 
 The certificate reported at the end is always recomputed on the *full* problem with
 ``"highest"`` GEMMs (:func:`cvxdist.problems.certify`), and ``converged`` means that gap is at
@@ -154,10 +156,11 @@ def solve_phased(
             # Screened gates' dual constraints bind at this dual point: go on, tighter.
             floor = max(floor * shrink, eps)
         if last is not None and precision != "highest":
+            # The solve claimed a gap its GEMMs cannot back (bf16, or TF32 behind XLA's
+            # default on GPUs), its line search failed, or bf16 stopped making progress.
+            stalled = line_search_failed or (bool(last.converged) and gap > target)
             if precision == "bf16":
-                stalled = line_search_failed or gap > 0.5 * previous_gap
-            else:  # XLA's default GEMMs (TF32 on some GPUs) claimed a gap they do not have
-                stalled = line_search_failed or (bool(last.converged) and gap > 2.0 * target)
+                stalled = stalled or gap > 0.5 * previous_gap
             if stalled:  # low-precision GEMMs cannot take the gap further: finish in full
                 precision = "highest"
         elif last is not None and line_search_failed:
@@ -198,6 +201,19 @@ def solve_phased(
         U = U_sub
     final = _final_solution(solver, problem, lam, U, last, iterations, active)
     return eqx.tree_at(lambda s: s.result, final, result)
+
+
+def exact_gemms(problem: GatedReluProblem) -> bool:
+    """Whether the problem's GEMMs are float32/float64-exact, so that the gap a solver computes
+    is already the certificate. ``"default"`` is exact on CPU only: XLA uses TF32 on recent
+    NVIDIA GPUs and bfloat16 passes on TPUs for float32 dots (host-side check)."""
+    if problem.precision == "highest":
+        return True
+    if problem.precision == "bf16":
+        return False
+    placement = getattr(problem.G, "sharding", None)
+    devices = placement.device_set if placement is not None else {jax.devices()[0]}
+    return {device.platform for device in devices} == {"cpu"}
 
 
 def _final_solution(

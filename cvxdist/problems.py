@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist import operators
+from cvxdist import operators, sharding
 from cvxdist.prox import Regularizer
 
 if TYPE_CHECKING:
@@ -231,8 +231,6 @@ def make_problem(
     Raises:
         ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size or options.
     """
-    from cvxdist import sharding
-
     X, Y, G = validate_arrays(X, Y, G)
     if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
         floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32

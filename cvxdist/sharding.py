@@ -80,7 +80,9 @@ def row_mesh(devices: int | Sequence[jax.Device] | Mesh | None = None) -> Mesh:
     return Mesh(np.array(chosen), (ROW_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def row_sharding(mesh: Mesh, ndim: int, rows_axis: int | None, memory_kind: str | None = None):
+def row_sharding(
+    mesh: Mesh, ndim: int, rows_axis: int | None, memory_kind: str | None = None
+) -> NamedSharding:
     """Sharding of an ``ndim`` array split along ``rows_axis`` (``None``: replicated)."""
     spec = [None] * ndim
     if rows_axis is not None:
@@ -95,7 +97,9 @@ def placer(mesh: Mesh | None) -> Callable[..., Array]:
     unless a memory kind is asked for.
     """
 
-    def place(array: np.ndarray, rows_axis: int | None = None, memory_kind: str | None = None):
+    def place(
+        array: np.ndarray, rows_axis: int | None = None, memory_kind: str | None = None
+    ) -> Array:
         if mesh is None:
             if memory_kind is None:
                 return jax.numpy.asarray(array)

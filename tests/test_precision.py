@@ -11,6 +11,7 @@ import pytest
 
 from cvxdist import operators
 from cvxdist.cli import main
+from cvxdist.phases import exact_gemms
 from cvxdist.problems import certify, lam_max, make_problem, with_precision
 from cvxdist.prox import Coupled
 from cvxdist.solvers import solve, solve_batch
@@ -78,6 +79,9 @@ def test_precision_is_validated_and_switchable():
     highest = with_precision(problem, "highest")
     assert highest.precision == "highest" and highest.X is problem.X
     assert with_precision(problem, "bf16") is problem
+    # Which solves get their certificate recomputed: bf16 always, default only off CPU.
+    assert not exact_gemms(problem) and exact_gemms(highest)
+    assert exact_gemms(with_precision(problem, "default")) == (jax.default_backend() == "cpu")
 
 
 def test_cli_precision_flag(tmp_path, capsys):

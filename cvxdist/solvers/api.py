@@ -138,6 +138,12 @@ def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
     return U0
 
 
+def _exact_gemms(problem: GatedReluProblem) -> bool:
+    from cvxdist.phases import exact_gemms
+
+    return exact_gemms(problem)
+
+
 def _phased(screen: bool) -> Callable[..., Solution]:
     """The phased solve of :mod:`cvxdist.phases` with the signature of ``_solve_core``."""
     from cvxdist.phases import solve_phased
@@ -194,8 +200,9 @@ def solve(
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
-        when this is the first call for these shapes. With ``screen`` or a ``"bf16"`` problem
-        the solve runs in phases and the certificate is recomputed with full-precision GEMMs.
+        when this is the first call for these shapes. With ``screen``, or GEMMs that are not
+        float32-exact (``"bf16"``; ``"default"`` on GPU/TPU), the solve runs in phases
+        (:mod:`cvxdist.phases`) and the certificate is recomputed with full-precision GEMMs.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
@@ -203,7 +210,7 @@ def solve(
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
     dtype = problem.dtype
-    if screen or problem.precision == "bf16":
+    if screen or not _exact_gemms(problem):
         return _timed(
             _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
         )
@@ -253,7 +260,7 @@ def solve_batch(
         raise ValueError(f"init must have shape {shape} or (L, *{shape}), got {U0.shape}")
     args = (jnp.asarray(lams_np, dtype), U0, jnp.asarray(tol, dtype), int(max_iters))
     axis = 0 if batched_problem else None
-    if problem.precision == "bf16":
+    if not _exact_gemms(problem):
         return _timed(_bf16_then_highest, solver_obj, problem, *args, axis)
     return _timed(_solve_batch_core, solver_obj, problem, *args, axis)
 
@@ -267,7 +274,8 @@ def _bf16_then_highest(
     max_iters: int,
     axis: int | None,
 ) -> Solution:
-    """A bf16 batch, then the same batch with full-precision GEMMs warm-started from it.
+    """A low-precision batch (bf16, or TF32 behind XLA's default on GPUs), then the same batch
+    with full-precision GEMMs warm-started from it.
 
     Lanes whose float32 gap already meets ``tol`` stop at iteration 0 of the second run; its
     certificate (float32 GEMMs) is the one reported. Iterations add up.
@@ -333,7 +341,7 @@ def solve_path(
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or problem.precision == "bf16"
+    phased = screen or not _exact_gemms(problem)
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             solution = _timed(
