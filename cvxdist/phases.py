@@ -111,6 +111,7 @@ def solve_phased(
     eps = float(jnp.finfo(dtype).eps)
     num_gates = problem.num_gates
     precision = problem.precision
+    cheap = not exact_gemms(problem)  # low-precision phases, then full-precision ones
     bounds = operator_norm_bounds(problem) if screen_gates else None
     active = np.arange(num_gates)
     sub, sub_bounds, U_sub = problem, bounds, U0
@@ -155,7 +156,7 @@ def solve_phased(
                 return eqx.tree_at(lambda s: s.result, final, RESULTS.successful)
             # Screened gates' dual constraints bind at this dual point: go on, tighter.
             floor = max(floor * shrink, eps)
-        if last is not None and precision != "highest":
+        if last is not None and cheap and precision != "highest":
             # The solve claimed a gap its GEMMs cannot back (bf16, or TF32 behind XLA's
             # default on GPUs), its line search failed, or bf16 stopped making progress.
             stalled = line_search_failed or (bool(last.converged) and gap > target)
@@ -179,7 +180,7 @@ def solve_phased(
             if half >= min_bucket:
                 wanted = gap_to_screen(test, problem.num_rows, len(active) - half)
                 target = max(floor, min(wanted, gap * shrink))
-        elif precision != "highest":
+        elif cheap and precision != "highest":
             target = max(floor, gap * shrink)
         previous_gap = gap
         last = _solve_core(
