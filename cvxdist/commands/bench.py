@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.solvers",
         "time R-FISTA against pyscnn's R-FISTA to the same relative duality gap",
     ),
+    "distill": ("benchmarks.distill", "convex distillation against Adam, KD and pruning (E1-E4)"),
 }
 
 
