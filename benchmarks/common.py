@@ -194,7 +194,9 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "—"
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
             return f"{value:.{digits - 1}e}"
+        if abs(value) >= 10**digits:
+            return f"{value:.0f}"
         return f"{value:.{digits}g}"
     return str(value)
