@@ -3,6 +3,7 @@
 - ``fista``: R-FISTA (:mod:`.fista`).
 """
 
+from cvxdist.solvers.admm import Admm
 from cvxdist.solvers.api import (
     SOLVERS,
     choose_solver,
@@ -18,6 +19,8 @@ from cvxdist.solvers.api import (
 )
 from cvxdist.solvers.common import RESULTS, IterativeSolver, Solution, SolveStats, Weights, iterate
 from cvxdist.solvers.fista import Fista, FistaState
+
+register_solver("admm", Admm)
 
 __all__ = [
     "RESULTS",

@@ -1,0 +1,590 @@
+r"""ADMM for the gated-ReLU problem, with the linear step solved through the N × N kernel.
+
+Splitting. With :math:`f(U) = \|P_\perp(Y - A(U))\|^2/(2N) = \|\tilde Y - BU\|^2/(2N)`,
+:math:`B = P_\perp A`, ADMM solves :math:`\min f(U) + \lambda R(W)` s.t. :math:`U = W`
+(scaled dual ``Z``, penalty ρ, over-relaxation α; Boyd et al. 2011, §3.4.3)::
+
+    U⁺ = argmin f(U) + ρ/2 ||U - W + Z||²  = (BᵀB/N + ρI)⁻¹ V,   V = Bᵀ Ỹ/N + ρ (W - Z)
+    Û  = α U⁺ + (1 - α) W
+    W⁺ = prox_{(λ/ρ) R}(Û + Z)
+    Z⁺ = Z + Û - W⁺
+
+Kernel. By Woodbury, :math:`(\rho I + B^TB/N)^{-1} = \rho^{-1}(I - B^T(N\rho I + BB^T)^{-1}B)`,
+and :math:`BB^T = P_\perp K P_\perp` with the N × N kernel
+:math:`K = AA^T = \sum_i D_i X X^T D_i = (XX^T) \odot (MM^T)`. ``A`` acts on each output
+column alike, so one kernel serves all ``c`` columns. The U-step is then
+
+    s  = (NρI + P⊥KP⊥)⁻¹ B V,     U⁺ = (V - Bᵀ s)/ρ,     B U⁺ = N s  (exactly, if s is exact).
+
+Per iteration: two adjoint GEMMs (``Bᵀ s`` for the U-step, ``Aᵀ r(W⁺)`` for the
+certificate), one forward GEMM (``A W⁺``), the kernel solve and the prox; R-FISTA needs two
+GEMMs plus one per backtrack. ``B V`` needs no GEMM: ``B Z`` is carried and updated
+linearly. The kernel solve is, by ``linear_solver``:
+
+- ``"cholesky"``: dense ``K``, Cholesky factor of ``NρI + P⊥KP⊥`` (O(N³), once; refactored
+  through ``lax.cond`` when an adaptive ρ changes, so at most ``max_rho_updates`` times).
+- ``"eigh"``: dense ``K = QΛQᵀ`` once; any ρ is then an exact O(N²c) solve, but the
+  decomposition costs ~10-20 Cholesky factorizations.
+- ``"cg"``: conjugate gradients, warm-started from the previous ``s``, with a randomized
+  Nyström preconditioner (Frangella, Tropp & Udell 2023; CRONOS, Feng, Frangella & Pilanci
+  2024) of rank ``nystrom_rank``, built once. The preconditioner of ``μI + K̂`` is analytic
+  in μ = Nρ, so ρ may change without rebuilding it. The kernel is dense when
+  ``N ≤ dense_max_rows`` (a product is O(N²c)), otherwise matrix-free (one forward and one
+  adjoint GEMM per CG step, and a GEMM pair per sketch column to build the preconditioner).
+
+``"auto"`` is ``cholesky`` when the padded row count is at most ``dense_max_rows`` (8000:
+the kernel then takes ≤ 256 MiB in float32 and its factorization a few seconds on a CPU),
+else ``cg``.
+
+Certificate. The reported iterate is ``W`` (the prox output: exactly sparse), and the
+stopping rule is :func:`cvxdist.problems.evaluate` at ``W`` with ``W``'s own residual and
+gradient: the gap :func:`cvxdist.problems.certify` recomputes. (The U-step provides a
+residual/gradient pair for free, ``r = Ỹ - N s`` and ``∇f(U⁺) = -Bᵀr/N``, whose dual point
+is valid and often better; it is not used because then the reported gap would not be the
+gap anyone recomputes at ``W``, and that costs the third GEMM.)
+
+Penalty ρ. Initial ρ from λ and the data scales (``rho=None``; see :class:`Admm`), then
+``adapt``:
+
+- ``"none"`` (default): fixed ρ. On the benchmark problems a fixed ρ ≈ 0.5 λ (unit-norm
+  columns, unit-variance targets) beat both adaptive rules below.
+- ``"balance"``: residual balancing on relative residuals (Boyd et al. 2011, §3.4.1;
+  Wohlberg 2017) every ``adapt_period`` iterations.
+- ``"spectral"``: spectral penalty selection (AADMM, Xu, Figueiredo & Goldstein 2017):
+  curvature estimates of f (from ``ΔU``, ``Δ∇f(U)``) and of λR (from ``ΔW``, ``Δ(ρZ)``)
+  give ρ = sqrt(α̂ β̂), with their correlation safeguards. On group-lasso problems the zero
+  groups inflate the λR estimate and ρ drifts high: measured slower than a fixed ρ.
+
+λ, ρ and ``tol`` are traced; the options of :class:`Admm` are static (a new value recompiles),
+except ``rho``, which is stored as an array (a new initial ρ does not recompile).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+from cvxdist import operators
+from cvxdist.problems import Evaluation, GatedReluProblem, evaluate, target_projected
+from cvxdist.prox import Regularizer
+from cvxdist.solvers.common import IterativeSolver, Weights, split_unregularized
+
+#: Largest number of (padded) rows for which the N × N kernel is formed by default.
+DENSE_MAX_ROWS = 8000
+LINEAR_SOLVERS = ("auto", "cholesky", "eigh", "cg")
+ADAPTATIONS = ("none", "balance", "spectral")
+
+
+def _optional_array(value: Any) -> Any:
+    return None if value is None else np.asarray(value, np.float64)
+
+
+class KernelFactor(NamedTuple):
+    """What the kernel solve needs; unused members are ``None`` (fixed by static options)."""
+
+    kernel: Array | None  # P⊥KP⊥, (Nₚ, Nₚ), when dense
+    chol: Array | None  # lower Cholesky factor of N ρ_f I + P⊥KP⊥
+    rho_factor: Array  # the ρ of ``chol``
+    eigvals: Array | None  # eigendecomposition of P⊥KP⊥
+    eigvecs: Array | None
+    nys_vecs: Array | None  # Nyström approximation of P⊥KP⊥: vecs diag(vals) vecsᵀ
+    nys_vals: Array | None
+
+
+class AdmmState(NamedTuple):
+    U: Array  # U-step iterate (P, d, c)
+    W: Array  # prox iterate, the certified one (P, d, c)
+    Z: Array  # scaled dual (P, d, c)
+    BW: Array  # P⊥A(W), (K, n, c)
+    BZ: Array  # P⊥A(Z), carried linearly
+    s: Array  # last kernel-system solution (Nₚ, c), the CG warm start
+    beta: Array | None  # skip/bias least-squares coefficients at W
+    rho: Array
+    factor: KernelFactor
+    corr: Array  # Bᵀ Ỹ / N, (P, d, c)
+    B_corr: Array  # B Bᵀ Ỹ / N, (K, n, c)
+    Y_tilde: Array  # P⊥ Y, (K, n, c)
+    ref_U: Array  # spectral-ρ references: U, ∇f(U), W, ρZ at the last update
+    ref_grad: Array
+    ref_W: Array
+    ref_y: Array
+    iteration: Array
+    evaluation: Evaluation
+    subgrad_sq: Array
+    cg_iterations: Array  # total CG steps
+    refactors: Array  # Cholesky factorizations after init
+    rho_updates: Array
+
+
+def _flat(R: Array) -> Array:
+    return R.reshape(-1, R.shape[-1])
+
+
+def _chunked(problem: GatedReluProblem, R: Array) -> Array:
+    return R.reshape(problem.num_chunks, problem.chunk_rows, R.shape[-1])
+
+
+def _project(problem: GatedReluProblem, R: Array) -> Array:
+    return operators.project_out_unregularized(problem, R)[0]
+
+
+def dense_kernel(problem: GatedReluProblem) -> Array:
+    """:math:`P_\\perp K P_\\perp` with :math:`K = (XX^T) \\odot (MM^T)`, ``(Nₚ, Nₚ)``.
+
+    ``Nₚ = K · n`` counts the padding rows, whose rows and columns are zero.
+    """
+    X_flat = operators.to_device(problem, problem.X).reshape(-1, problem.num_features)
+    masks = operators.map_chunks(
+        problem, lambda X_k, M_k: operators.chunk_masks(problem, X_k, M_k).astype(X_k.dtype)
+    )
+    M = masks.reshape(X_flat.shape[0], -1)
+    highest = lax.Precision.HIGHEST
+    kernel = jnp.matmul(X_flat, X_flat.T, precision=highest) * jnp.matmul(M, M.T, precision=highest)
+    if problem.skip or problem.bias:
+        kernel = _flat(_project(problem, _chunked(problem, kernel)))
+        kernel = _flat(_project(problem, _chunked(problem, kernel.T)))
+    return 0.5 * (kernel + kernel.T)
+
+
+def apply_kernel(problem: GatedReluProblem, V: Array) -> Array:
+    """Matrix-free :math:`P_\\perp K P_\\perp V` for ``V (K, n, m)``: one adjoint and one
+    forward GEMM with ``m`` columns."""
+    V = _project(problem, V)
+    return _project(problem, operators.forward(problem, operators.adjoint(problem, V)))
+
+
+def _apply_kernel_blocks(problem: GatedReluProblem, V: Array, width: int) -> Array:
+    """``apply_kernel`` on the ``m`` columns of ``V (Nₚ, m)``, ``width`` columns at a time
+    (``m`` a multiple of ``width``), so the chunk intermediate stays ``(n, P, width)``."""
+    m = V.shape[1]
+    blocks = V.reshape(V.shape[0], m // width, width).transpose(1, 0, 2)
+
+    def one(block: Array) -> Array:
+        return _flat(apply_kernel(problem, _chunked(problem, block)))
+
+    out = lax.map(one, blocks)
+    return out.transpose(1, 0, 2).reshape(V.shape[0], m)
+
+
+def nystrom(
+    matmat: Any,
+    num_rows: int,
+    rank: int,
+    dtype: Any,
+    key: Array,
+    row_mask: Array | None = None,
+) -> tuple[Array, Array]:
+    """Randomized Nyström approximation ``vecs diag(vals) vecsᵀ`` of a PSD operator.
+
+    Frangella, Tropp & Udell, "Randomized Nyström preconditioning" (2023), Algorithm 2.1,
+    with the shift ν = √N ε ||Y||_F for stability. ``row_mask`` (1/0 per row) restricts the
+    test matrix to the real rows (the operators assume zero padding rows).
+    """
+    omega = jax.random.normal(key, (num_rows, rank), dtype)
+    if row_mask is not None:
+        omega = omega * row_mask[:, None]
+    omega, _ = jnp.linalg.qr(omega)
+    sketch = matmat(omega)
+    nu = jnp.sqrt(num_rows) * jnp.finfo(dtype).eps * jnp.linalg.norm(sketch)
+    sketch = sketch + nu * omega
+    core = omega.T @ sketch
+    core = 0.5 * (core + core.T)
+    # A tiny relative jitter keeps the Cholesky alive when the sketch is rank-deficient.
+    jitter = jnp.finfo(dtype).eps * jnp.trace(core) * jnp.eye(rank, dtype=dtype)
+    chol = jnp.linalg.cholesky(core + jitter)
+    factor = solve_triangular(chol, sketch.T, lower=True).T
+    vecs, sigma, _ = jnp.linalg.svd(factor, full_matrices=False)
+    vals = jnp.maximum(sigma * sigma - nu, 0.0)
+    return vecs, vals
+
+
+def _nystrom_precondition(vecs: Array, vals: Array, mu: Array, R: Array) -> Array:
+    """Inverse Nyström preconditioner of ``μI + K``: ``(λ_ℓ + μ) V (Λ + μ)⁻¹ Vᵀ + I - VVᵀ``."""
+    coeffs = vecs.T @ R
+    scale = (vals[-1] + mu) / (vals + mu) - 1.0
+    return R + vecs @ (scale[:, None] * coeffs)
+
+
+def _pcg(
+    matvec: Any,
+    precondition: Any,
+    b: Array,
+    x0: Array,
+    tol: Array,
+    max_iters: int,
+) -> tuple[Array, Array, Array]:
+    """Preconditioned CG on every column of ``b (Nₚ, c)`` at once (per-column step sizes).
+
+    Stops when every column has reduced its warm-start residual ``r₀ = b - A x₀`` by
+    ``tol`` (or reached rounding level, ``10 ε ||b||``), or after ``max_iters`` steps.
+    Relative to ``r₀`` and not to ``b``: near convergence ``b`` barely changes between ADMM
+    iterations, and a ``||b||``-relative test would skip the solve and stall ADMM.
+    Returns the solution, its (recursive) residual ``b - A x`` and the number of steps.
+    """
+    r = b - matvec(x0)
+    floor = 10.0 * jnp.finfo(b.dtype).eps * jnp.linalg.norm(b, axis=0)
+    target = jnp.maximum(tol * jnp.linalg.norm(r, axis=0), floor)
+    z = precondition(r)
+    p = z
+    rz = jnp.sum(r * z, axis=0)
+    tiny = jnp.finfo(b.dtype).tiny
+
+    def unfinished(carry: tuple) -> Array:
+        _, r, _, _, k = carry
+        return (k < max_iters) & jnp.any(jnp.linalg.norm(r, axis=0) > target)
+
+    def body(carry: tuple) -> tuple:
+        x, r, p, rz, k = carry
+        Ap = matvec(p)
+        curvature = jnp.sum(p * Ap, axis=0)
+        alpha = jnp.where(curvature > tiny, rz / jnp.where(curvature > tiny, curvature, 1.0), 0.0)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        z = precondition(r)
+        rz_new = jnp.sum(r * z, axis=0)
+        beta = jnp.where(rz > tiny, rz_new / jnp.where(rz > tiny, rz, 1.0), 0.0)
+        return x, r, z + beta * p, rz_new, k + 1
+
+    x, r, _, _, k = lax.while_loop(unfinished, body, (x0, r, p, rz, jnp.zeros((), jnp.int32)))
+    return x, r, k
+
+
+class Admm(IterativeSolver):
+    """ADMM with a kernel linear step, over-relaxation and an optional adaptive penalty.
+
+    Attributes:
+        reg: the regularizer.
+        rho: initial penalty ρ (stored as an array: a new value does not recompile), or
+            ``None`` for the default rule ``rho_scale · λ · x / y`` with ``x`` the rms column
+            norm of ``X`` and ``y`` the rms entry of ``Ỹ`` (invariant under rescaling ``X``
+            or ``Y``; with unit-norm columns and unit-variance targets it is ``0.5 λ``).
+        rho_scale: the constant of the default rule (calibrated on the benchmark problems).
+        relaxation: over-relaxation α ∈ (0, 2) (1 is plain ADMM).
+        adapt: ``"none"`` (default), ``"balance"`` or ``"spectral"`` (module docstring).
+        adapt_period: iterations between penalty updates.
+        max_rho_updates: penalty updates per solve, at most (then ρ stays fixed, which keeps
+            ADMM's convergence guarantee).
+        linear_solver: ``"auto"`` (``cholesky`` with a dense kernel, else ``cg``),
+            ``"cholesky"``, ``"eigh"`` or ``"cg"``.
+        dense_max_rows: form the N × N kernel when the padded row count is at most this.
+        nystrom_rank: rank of the Nyström preconditioner (``cg``); default ``2d + 16`` with a
+            dense kernel, ``max(32, c)`` matrix-free (each sketch column costs a GEMM pair).
+        cg_tol: CG stops once it has reduced the residual of its warm start by this factor
+            (default 1e-8 in float64, 1e-4 in float32).
+        cg_max_iters: CG steps per ADMM iteration, at most.
+        seed: seed of the Nyström sketch.
+    """
+
+    reg: Regularizer
+    rho: Any = eqx.field(default=None, converter=_optional_array)
+    rho_scale: float = 0.5
+    relaxation: float = 1.6
+    adapt: str = "none"
+    adapt_period: int = 10
+    max_rho_updates: int = 10
+    linear_solver: str = "auto"
+    dense_max_rows: int = DENSE_MAX_ROWS
+    nystrom_rank: int | None = None
+    cg_tol: float | None = None
+    cg_max_iters: int = 100
+    seed: int = 0
+
+    def __check_init__(self) -> None:
+        if self.linear_solver not in LINEAR_SOLVERS:
+            raise ValueError(
+                f"linear_solver must be one of {', '.join(LINEAR_SOLVERS)}, "
+                f"got {self.linear_solver!r}"
+            )
+        if self.adapt not in ADAPTATIONS:
+            raise ValueError(f"adapt must be one of {', '.join(ADAPTATIONS)}, got {self.adapt!r}")
+        if not 0.0 < self.relaxation < 2.0:
+            raise ValueError(f"relaxation must be in (0, 2), got {self.relaxation}")
+        if self.rho is not None and not (np.all(np.isfinite(self.rho)) and np.all(self.rho > 0)):
+            raise ValueError(f"rho must be positive and finite, got {self.rho}")
+
+    # ----------------------------------------------------------------- kernel solve
+    def resolved_linear_solver(self, problem: GatedReluProblem) -> tuple[str, bool]:
+        """(method, dense kernel?) for this problem."""
+        rows = problem.num_chunks * problem.chunk_rows
+        dense = rows <= self.dense_max_rows
+        method = self.linear_solver
+        if method == "auto":
+            method = "cholesky" if dense else "cg"
+        if method in ("cholesky", "eigh") and not dense:
+            raise ValueError(
+                f"linear_solver={method!r} forms the N × N kernel, but N = {rows} > "
+                f"dense_max_rows = {self.dense_max_rows}; use 'cg' or raise dense_max_rows"
+            )
+        return method, dense
+
+    def _cg_tol(self, dtype: Any) -> float:
+        if self.cg_tol is not None:
+            return self.cg_tol
+        return 1e-8 if dtype == jnp.float64 else 1e-4
+
+    def _factor(self, problem: GatedReluProblem, rho: Array) -> KernelFactor:
+        method, dense = self.resolved_linear_solver(problem)
+        rows = problem.num_chunks * problem.chunk_rows
+        dtype = problem.dtype
+        none = KernelFactor(None, None, rho, None, None, None, None)
+        kernel = dense_kernel(problem) if dense else None
+        if method == "eigh":
+            vals, vecs = jnp.linalg.eigh(kernel)
+            return none._replace(eigvals=jnp.maximum(vals, 0.0), eigvecs=vecs)
+        if method == "cholesky":
+            return none._replace(kernel=kernel, chol=_cholesky(kernel, problem.num_rows * rho))
+        if dense:
+            rank = min(self.nystrom_rank or 2 * problem.num_features + 16, rows)
+            matmat = lambda V: kernel @ V  # noqa: E731
+        else:
+            width = problem.num_outputs
+            rank = self.nystrom_rank or max(32, width)
+            rank = min(width * -(-rank // width), width * (rows // width) or rows)
+            matmat = lambda V: _apply_kernel_blocks(problem, V, width)  # noqa: E731
+        row_mask = None if problem.valid is None else problem.valid.reshape(-1)
+        key = jax.random.PRNGKey(self.seed)
+        vecs, vals = nystrom(matmat, rows, rank, dtype, key, row_mask)
+        return none._replace(kernel=kernel, nys_vecs=vecs, nys_vals=vals)
+
+    def _solve_kernel(
+        self,
+        problem: GatedReluProblem,
+        factor: KernelFactor,
+        rho: Array,
+        b: Array,
+        x0: Array,
+    ) -> tuple[Array, Array, Array, KernelFactor, Array]:
+        """Solve ``(NρI + P⊥KP⊥) s = b`` for ``b (Nₚ, c)``.
+
+        Returns ``s``, the residual ``b - (NρI + P⊥KP⊥) s`` (zero for the direct solves),
+        the CG steps, the factor (refactored if ρ changed) and whether it was refactored.
+        """
+        method, dense = self.resolved_linear_solver(problem)
+        mu = problem.num_rows * rho
+        zero = jnp.zeros((), jnp.int32)
+        no = jnp.zeros((), bool)
+        if method == "eigh":
+            coeffs = factor.eigvecs.T @ b
+            s = factor.eigvecs @ (coeffs / (factor.eigvals + mu)[:, None])
+            return s, jnp.zeros_like(b), zero, factor, no
+        if method == "cholesky":
+            refactored = no
+            if self.adapt != "none":  # static: a fixed ρ never refactors
+                refactored = rho != factor.rho_factor
+                chol = lax.cond(
+                    refactored,
+                    lambda: _cholesky(factor.kernel, mu),
+                    lambda: factor.chol,
+                )
+                factor = factor._replace(chol=chol, rho_factor=rho)
+            s = cho_solve((factor.chol, True), b)
+            return s, jnp.zeros_like(b), zero, factor, refactored
+
+        if dense:
+
+            def matvec(V: Array) -> Array:
+                return mu * V + factor.kernel @ V
+
+        else:
+
+            def matvec(V: Array) -> Array:
+                return mu * V + _flat(apply_kernel(problem, _chunked(problem, V)))
+
+        def precondition(R: Array) -> Array:
+            return _nystrom_precondition(factor.nys_vecs, factor.nys_vals, mu, R)
+
+        tol = self._cg_tol(b.dtype)
+        s, res, steps = _pcg(matvec, precondition, b, x0, tol, self.cg_max_iters)
+        return s, res, steps, factor, no
+
+    # ----------------------------------------------------------------- interface
+    def _initial_rho(self, problem: GatedReluProblem, lam: Array, Y_tilde: Array) -> Array:
+        """``rho`` if given, else ``rho_scale · λ · x / y`` (see the class docstring)."""
+        dtype = problem.dtype
+        if self.rho is not None:
+            return jnp.asarray(self.rho, dtype)
+        X = operators.to_device(problem, problem.X)
+        x_scale = jnp.sqrt(jnp.sum(X * X) / problem.num_features)
+        y_sq = jnp.sum(Y_tilde * Y_tilde) / (problem.num_rows * problem.num_outputs)
+        y_scale = jnp.sqrt(jnp.where(y_sq > 0, y_sq, 1.0))
+        rho = self.rho_scale * lam * x_scale / y_scale
+        # λ = 0 (least squares) still needs a positive penalty: use the curvature scale.
+        fallback = jnp.sum(X * X) / (problem.num_rows * problem.num_features)
+        return jnp.where(rho > 0, rho, jnp.maximum(fallback, jnp.finfo(dtype).tiny)).astype(dtype)
+
+    def init(self, problem: GatedReluProblem, U0: Array, lam: Array) -> AdmmState:
+        N = problem.num_rows
+        dtype = U0.dtype
+        Y_tilde = target_projected(problem)
+        rho = self._initial_rho(problem, lam, Y_tilde)
+        corr = operators.adjoint(problem, Y_tilde) / N
+        B_corr = _project(problem, operators.forward(problem, corr))
+        r_W, beta = operators.residual(problem, U0)
+        grad = -operators.adjoint(problem, r_W) / N
+        BW = Y_tilde - r_W
+        # Dual-consistent start (at a fixed point ρZ = -∇f(W)): a warm start from a nearby
+        # solution keeps its dual.
+        Z = -grad / rho
+        BZ = _project(problem, operators.forward(problem, Z))
+        factor = self._factor(problem, rho)
+        rows = problem.num_chunks * problem.chunk_rows
+        evaluation = evaluate(problem, self.reg, lam, U0, r_W, grad)
+        zero = jnp.zeros((), jnp.int32)
+        return AdmmState(
+            U=U0,
+            W=U0,
+            Z=Z,
+            BW=BW,
+            BZ=BZ,
+            s=jnp.zeros((rows, problem.num_outputs), dtype),
+            beta=beta,
+            rho=rho,
+            factor=factor,
+            corr=corr,
+            B_corr=B_corr,
+            Y_tilde=Y_tilde,
+            ref_U=U0,
+            ref_grad=grad,
+            ref_W=U0,
+            ref_y=rho * Z,
+            iteration=zero,
+            evaluation=evaluation,
+            subgrad_sq=self.reg.min_norm_subgradient_sq(U0, grad, lam, 1.0 / rho),
+            cg_iterations=zero,
+            refactors=zero,
+            rho_updates=zero,
+        )
+
+    def step(self, problem: GatedReluProblem, lam: Array, state: AdmmState) -> AdmmState:
+        N = problem.num_rows
+        rho = state.rho
+        alpha = self.relaxation
+        # U-step through the kernel: s = (NρI + P⊥KP⊥)⁻¹ B V, U = (V - Bᵀs)/ρ, BU = N s.
+        V = state.corr + rho * (state.W - state.Z)
+        BV = state.B_corr + rho * (state.BW - state.BZ)
+        s, res, steps, factor, refactored = self._solve_kernel(
+            problem, state.factor, rho, _flat(BV), state.s
+        )
+        s_proj = _project(problem, _chunked(problem, s))
+        adj_s = operators.adjoint(problem, s_proj)
+        U = (V - adj_s) / rho
+        BU = N * s_proj + _chunked(problem, res) / rho
+        grad_U = adj_s - state.corr  # ∇f(U) = -Bᵀ(Ỹ - N s)/N
+        # Relaxed prox step and dual update.
+        U_hat = alpha * U + (1.0 - alpha) * state.W
+        BU_hat = alpha * BU + (1.0 - alpha) * state.BW
+        W = self.reg.prox(U_hat + state.Z, lam, 1.0 / rho)
+        Z = state.Z + U_hat - W
+        # The certificate at W: its own residual and gradient (what problems.certify computes).
+        r_W, beta = operators.residual(problem, W)
+        grad_W = -operators.adjoint(problem, r_W) / N
+        BW = state.Y_tilde - r_W
+        BZ = state.BZ + BU_hat - BW
+        evaluation = evaluate(problem, self.reg, lam, W, r_W, grad_W)
+        subgrad_sq = self.reg.min_norm_subgradient_sq(W, grad_W, lam, 1.0 / rho)
+        iteration = state.iteration + 1
+        # Penalty update; the scaled dual is rescaled so that ρZ is unchanged.
+        new_rho, refs = self._update_rho(state, iteration, rho, U, grad_U, W, Z)
+        scale = rho / new_rho
+        return state._replace(
+            U=U,
+            W=W,
+            Z=Z * scale,
+            BW=BW,
+            BZ=BZ * scale,
+            s=s,
+            beta=beta,
+            rho=new_rho,
+            factor=factor,
+            ref_U=refs[0],
+            ref_grad=refs[1],
+            ref_W=refs[2],
+            ref_y=refs[3],
+            iteration=iteration,
+            evaluation=evaluation,
+            subgrad_sq=subgrad_sq,
+            cg_iterations=state.cg_iterations + steps,
+            refactors=state.refactors + refactored.astype(jnp.int32),
+            rho_updates=state.rho_updates + (new_rho != rho).astype(jnp.int32),
+        )
+
+    def _update_rho(
+        self,
+        state: AdmmState,
+        iteration: Array,
+        rho: Array,
+        U: Array,
+        grad_U: Array,
+        W: Array,
+        Z: Array,
+    ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+        refs = (state.ref_U, state.ref_grad, state.ref_W, state.ref_y)
+        if self.adapt == "none":
+            return rho, refs
+        tiny = jnp.finfo(rho.dtype).tiny
+        due = ((iteration % self.adapt_period) == 0) & (state.rho_updates < self.max_rho_updates)
+        y = rho * Z
+        if self.adapt == "balance":
+            # Relative residuals (Wohlberg 2017): ||U - W|| / max(||U||, ||W||) against
+            # ||W - W_prev|| / ||Z||; μ = 10, τ = 2 (Boyd et al. §3.4.1).
+            primal_res = jnp.linalg.norm(U - W) / jnp.maximum(
+                jnp.maximum(jnp.linalg.norm(U), jnp.linalg.norm(W)), tiny
+            )
+            dual_res = jnp.linalg.norm(W - state.W) / jnp.maximum(jnp.linalg.norm(Z), tiny)
+            proposal = jnp.where(
+                primal_res > 10.0 * dual_res,
+                2.0 * rho,
+                jnp.where(dual_res > 10.0 * primal_res, 0.5 * rho, rho),
+            )
+            return jnp.where(due, proposal, rho), refs
+        # Spectral (AADMM): curvature of f from (ΔU, Δ∇f(U)), of λR from (ΔW, Δ(ρZ)).
+
+        def curvature(dx: Array, dg: Array) -> tuple[Array, Array]:
+            xg, xx, gg = jnp.sum(dx * dg), jnp.sum(dx * dx), jnp.sum(dg * dg)
+            steepest = gg / jnp.where(xg > tiny, xg, 1.0)
+            minimum_gradient = xg / jnp.where(xx > tiny, xx, 1.0)
+            hybrid = jnp.where(
+                2.0 * minimum_gradient > steepest,
+                minimum_gradient,
+                steepest - 0.5 * minimum_gradient,
+            )
+            return hybrid, xg / jnp.maximum(jnp.sqrt(xx * gg), tiny)
+
+        alpha_hat, alpha_cor = curvature(U - state.ref_U, grad_U - state.ref_grad)
+        beta_hat, beta_cor = curvature(W - state.ref_W, y - state.ref_y)
+        good_a = (alpha_cor > 0.2) & (alpha_hat > 0)
+        good_b = (beta_cor > 0.2) & (beta_hat > 0)
+        proposal = jnp.where(
+            good_a & good_b,
+            jnp.sqrt(jnp.abs(alpha_hat * beta_hat)),
+            jnp.where(good_a, alpha_hat, jnp.where(good_b, beta_hat, rho)),
+        )
+        new_rho = jnp.where(due & jnp.isfinite(proposal) & (proposal > 0), proposal, rho)
+        new_refs = tuple(
+            jnp.where(due, new, old) for new, old in zip((U, grad_U, W, y), refs, strict=True)
+        )
+        return new_rho, new_refs
+
+    def certificate(self, state: AdmmState) -> tuple[Evaluation, Array]:
+        return state.evaluation, state.subgrad_sq
+
+    def postprocess(self, problem: GatedReluProblem, lam: Array, state: AdmmState) -> Weights:
+        V, b = split_unregularized(problem, state.beta)
+        return Weights(state.W, V, b)
+
+    def stats_extra(self, state: AdmmState) -> Array:
+        return state.rho
+
+
+def _cholesky(kernel: Array, mu: Array) -> Array:
+    """Lower Cholesky factor of ``μI + kernel``."""
+    return jnp.linalg.cholesky(kernel + mu * jnp.eye(kernel.shape[0], dtype=kernel.dtype))
+
+
+__all__ = ["Admm", "AdmmState", "KernelFactor", "apply_kernel", "dense_kernel", "nystrom"]
