@@ -46,6 +46,7 @@ from benchmarks.common import fmt, load_average, machine_description, markdown_t
 VERSION = 1
 EXPERIMENTS = ("E1", "E2", "E3", "E4")
 METHODS = ("convex", "relu-adam", "relu-adam-mb", "fixed-gate-adam", "logit-kd", "pruning")
+E1_METHODS = ("convex", "relu-adam", "fixed-gate-adam", "logit-kd", "pruning")
 E4_METHODS = ("convex", "convex+polish", "relu-adam")
 LABELS = {
     "convex": "convex (certified)",
@@ -77,7 +78,9 @@ class Grid:
     seeds: tuple[int, ...]
     max_rows: int
     test_limit: int | None
-    reg: str = "nuclear"
+    # ``coupled`` (group lasso): the nuclear norm's batched SVDs can deadlock jaxlib 0.10's
+    # CPU LAPACK kernels on a 2-thread pool (see REPORT.md); override per grid if unaffected.
+    reg: str = "coupled"
     tol: float = 1e-3
     max_iters: int = 3000
     adam_steps: int = 2000
@@ -146,30 +149,35 @@ def full_grid(teacher: str) -> Grid:
             seeds=(0, 1, 2),
             max_rows=4000,
             test_limit=None,
+            adam_steps=1000,
+            kd_steps=300,
+            kd_batch=64,
             e1_sizes=sizes,
+            e1_methods=E1_METHODS,
             e1_samples=None,
             e2_size=sizes[2],
             e3_samples=None,
             e3_size=sizes[2],
         )
     sizes = (
-        Size("XS", gates=16, input_dim=12, output_dim=8, lam_frac=0.03),
-        Size("S", gates=32, input_dim=20, output_dim=12, lam_frac=0.02),
-        Size("M", gates=64, input_dim=32, output_dim=16, lam_frac=0.01),
-        Size("L", gates=128, input_dim=64, output_dim=24, lam_frac=0.005),
+        Size("XS", gates=8, input_dim=12, output_dim=8, lam_frac=0.01),
+        Size("S", gates=16, input_dim=16, output_dim=8, lam_frac=0.01),
+        Size("M", gates=32, input_dim=24, output_dim=12, lam_frac=0.01),
     )
     return Grid(
         teacher=teacher,
         seeds=(0, 1, 2),
-        max_rows=8000,
-        test_limit=5000,
-        adam_steps=1500,
-        kd_steps=600,
+        max_rows=4000,
+        test_limit=3000,
+        adam_steps=1000,
+        kd_steps=300,
+        kd_batch=64,
         e1_sizes=sizes,
+        e1_methods=E1_METHODS,
         e1_samples=100,
-        e2_size=sizes[2],
+        e2_size=sizes[1],
         e3_samples=100,
-        e3_size=sizes[2],
+        e3_size=sizes[1],
         e3_adam_steps=2000,
         e4_samples=(10, 100),
     )
@@ -227,6 +235,8 @@ class Context:
         self._prefix: dict[str, np.ndarray] = {}
         self._block_out: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
         self._forward: dict[tuple, Callable] = {}
+        self._logits_of: np.ndarray | None = None
+        self._logits = np.zeros((0,))
 
     @property
     def last(self) -> str:
@@ -240,6 +250,13 @@ class Context:
         from cvxdist.data import samples_per_class
 
         return samples_per_class(self.train, per_class, seed).images
+
+    def train_logits(self, images: np.ndarray) -> np.ndarray:
+        """The teacher's logits on a training subset (cached: the full set is reused)."""
+        if self._logits_of is not images:  # identity (the reference keeps it alive)
+            self._logits = self.teacher.predict(images, batch_size=500)
+            self._logits_of = images
+        return self._logits
 
     @property
     def teacher_pred(self) -> np.ndarray:
@@ -610,7 +627,16 @@ def run_block_point(ctx: Context, settings: dict[str, Any]) -> list[dict[str, An
             seed=settings["seed"],
         )
         students, seconds = _timed(
-            lambda: B.kd_students(teacher, images, cut, to, blocks, budgets, kd_config)
+            lambda: B.kd_students(
+                teacher,
+                images,
+                cut,
+                to,
+                blocks,
+                budgets,
+                kd_config,
+                teacher_logits=ctx.train_logits(images),
+            )
         )
         report = students[0].report["kd"]
         add("logit-kd", students, seconds, {"kd_loss": report["loss"], **_adam_summary(report)})
@@ -810,11 +836,14 @@ def run(
     repeats: int | None = None,
     grid: Grid | None = None,
     log: Callable[[str], None] | None = None,
+    keep_going: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the grid; writes records, ``distill.json``, ``REPORT.md`` and plots.
 
     ``repeats`` sets the number of seeds (``0..repeats-1``). Returns the payload, whose
-    ``computed`` / ``reused`` count the points run now and the points read from records.
+    ``computed`` / ``reused`` count the points run now and the points read from records. With
+    ``keep_going`` a point that raises is logged, listed in ``failed`` and left for the next
+    run (no record is written); otherwise the error propagates.
     """
     if log is None:
 
@@ -836,6 +865,7 @@ def run(
     ctx = Context(grid, log)
     todo = points(grid, experiments, ctx.stages)
     records, computed, reused = [], 0, 0
+    failed: list[dict[str, Any]] = []
     for index, point in enumerate(todo, 1):
         key = record_key(point["experiment"], ctx.teacher.checkpoint_sha256, point["settings"])
         path = records_dir / f"{key}.json"
@@ -848,7 +878,14 @@ def run(
                 f"samples/class={s['samples_per_class']} seed={s['seed']}"
             )
             start = time.perf_counter()
-            results = RUNNERS[point["experiment"]](ctx, point["settings"])
+            try:
+                results = RUNNERS[point["experiment"]](ctx, point["settings"])
+            except Exception as err:  # a failed point is retried on the next run
+                if not keep_going:
+                    raise
+                log(f"    FAILED: {type(err).__name__}: {err}")
+                failed.append({"key": key, **point, "error": f"{type(err).__name__}: {err}"})
+                continue
             record = {
                 "key": key,
                 "version": VERSION,
@@ -886,6 +923,7 @@ def run(
         "load_average_at_end": load_average(),
         "computed": computed,
         "reused": reused,
+        "failed": failed,
         "wall_time_s": time.perf_counter() - started,
         "records": records,
     }
@@ -1330,13 +1368,16 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 r = _find(summary["E2"], samples_per_class=json.loads(s), method=method)
                 cells.append(_pm(r["accuracy"], 100, 2) if r else "—")
             table.append(cells)
-        params = _find(summary["E2"], method="convex")
+        sizes = ["convex student params"]
+        for s in samples:
+            r = _find(summary["E2"], samples_per_class=json.loads(s), method="convex")
+            sizes.append(f"{r['block_params']['mean']:.0f}" if r else "—")
+        table.append(sizes)
+        teacher_params = summary["E2"][0]["teacher_block_params"]["mean"]
         header = ["method", *[f"{_sample_label(s)} / class" for s in samples]]
         lines += [
-            f"Test accuracy (%); student size {params['block_params']['mean']:.0f} parameters "
-            f"(teacher block {params['teacher_block_params']['mean']:.0f})."
-            if params
-            else "",
+            "Test accuracy (%), mean ± std over seeds; every baseline is matched to the convex "
+            f"student's size in its column (teacher block: {teacher_params:.0f} parameters).",
             "",
             markdown_table(header, table),
             "",
@@ -1359,6 +1400,7 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
                         fmt(entry.get("adam_time_s"), 3),
                         fmt(value.get("time_to_relu-adam_loss_s"), 3),
                         fmt(value.get("ratio_to_relu-adam"), 3),
+                        fmt(value.get("ratio_to_relu-adam-mb"), 3),
                         fmt(value.get("ratio_to_fixed-gate-adam"), 3),
                     ]
                 )
@@ -1371,6 +1413,7 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
             "Adam time (s)",
             "convex time to Adam's loss (s)",
             "ratio (ReLU Adam)",
+            "ratio (mini-batch Adam)",
             "ratio (fixed-gate Adam)",
         ]
         lines += [
@@ -1407,12 +1450,13 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{machine['cpu_model']}, {machine['usable_cores']} usable cores "
         f"({machine['logical_cores']} logical), {machine['memory_gib']} GiB, "
         f"{machine['os']}; JAX {machine['versions'].get('jax')} on {machine['jax_backend']}; "
-        f"commit {machine['git_commit']}"
+        f"XLA_FLAGS `{machine.get('xla_flags') or '(none)'}`; commit {machine['git_commit']}"
         f"{' (package modified)' if machine.get('package_modified_since_commit') else ''}. "
         f"Load average at start {machine['load_average_at_start']}, at end "
         f"{payload.get('load_average_at_end')}: the machine was shared, so wall times are "
         f"pessimistic. Harness wall time {payload['wall_time_s']:.0f} s "
-        f"({payload['computed']} points computed, {payload['reused']} reused).",
+        f"({payload['computed']} points computed, {payload['reused']} reused, "
+        f"{len(payload.get('failed', []))} failed).",
         "",
     ]
     return "\n".join(lines)
@@ -1458,23 +1502,46 @@ def _targets_markdown(targets: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def combined_report(dirs: Sequence[Path], target: Path, preamble: str = "") -> str:
+    """One markdown document with the report of each run in ``dirs`` (headings demoted)."""
+    parts = ["# Convex distillation against its baselines", ""]
+    if preamble:
+        parts += [preamble.strip(), ""]
+    for directory in dirs:
+        payload = json.loads((Path(directory) / "distill.json").read_text())
+        plots = make_plots(payload, Path(directory))
+        prefix = os.path.relpath(directory, target.parent)
+        text = markdown_report(payload, [os.path.join(prefix, p) for p in plots])
+        body = text.split("\n", 1)[1]  # drop the document title
+        teacher = payload["teacher"]
+        parts.append(f"## Teacher `{teacher['name']}` ({teacher['dataset']})")
+        parts += ["#" + line if line.startswith("#") else line for line in body.splitlines()]
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.distill report DIR [--to PATH]``: rewrite the report from DIR."""
+    """``python -m benchmarks.distill report DIR... [--to PATH]``: rewrite the report(s).
+
+    With one DIR and no ``--to`` it rewrites ``DIR/REPORT.md``; with ``--to`` it writes one
+    document holding every DIR's report (image links relative to it).
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distill")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="rewrite REPORT.md from DIR/distill.json")
-    report.add_argument("dir", type=Path)
-    report.add_argument("--to", type=Path, help="write the report here (image links relative)")
+    report.add_argument("dirs", type=Path, nargs="+")
+    report.add_argument("--to", type=Path, help="write one combined report here")
+    report.add_argument("--preamble", type=Path, help="markdown to put under the title")
     args = parser.parse_args(argv)
-    payload = json.loads((args.dir / "distill.json").read_text())
-    plots = make_plots(payload, args.dir)
-    target = args.to or args.dir / "REPORT.md"
-    prefix = os.path.relpath(args.dir, target.parent)
-    text = markdown_report(
-        payload, [os.path.join(prefix, p) if prefix != "." else p for p in plots]
-    )
-    target.write_text(text, encoding="utf-8")
-    print(f"wrote {target}", file=sys.stderr)
+    if args.to is None:
+        for directory in args.dirs:
+            payload = json.loads((directory / "distill.json").read_text())
+            plots = make_plots(payload, directory)
+            (directory / "REPORT.md").write_text(markdown_report(payload, plots), "utf-8")
+            print(f"wrote {directory / 'REPORT.md'}", file=sys.stderr)
+        return 0
+    preamble = args.preamble.read_text() if args.preamble else ""
+    args.to.write_text(combined_report(args.dirs, args.to, preamble), encoding="utf-8")
+    print(f"wrote {args.to}", file=sys.stderr)
     return 0
 
 

@@ -520,6 +520,7 @@ def kd_students(
     skip: bool = True,
     progress: bool = False,
     precompute_bytes: int = 256 * 2**20,
+    teacher_logits: np.ndarray | None = None,
 ) -> list[Any]:
     """Learned-ReLU students of the stages ``cut..to`` trained by logit distillation.
 
@@ -527,7 +528,8 @@ def kd_students(
     projections; their rows are not used) and ``budgets`` the parameter budget of each stage.
     The students are spliced into the teacher and trained jointly by Adam on the softened-logit
     KL over ``images`` (no labels); the teacher's prefix and suffix are frozen. The block input
-    ``prefix(images)`` is precomputed when it fits in ``precompute_bytes``.
+    ``prefix(images)`` is precomputed when it fits in ``precompute_bytes``; ``teacher_logits``
+    (the teacher's logits on ``images``) may be passed to skip computing them.
     """
     from cvxdist.distill.pipeline import BlockStudent, stages_of
     from cvxdist.teachers.teacher import batched_apply
@@ -546,7 +548,10 @@ def kd_students(
         trainable.append(variables)
     fns = teacher.cut_functions(cut, stages[-1], jit=False)
     tv = teacher.variables
-    teacher_logits = np.concatenate(list(batched_apply(teacher.apply, tv, images, 500)))
+    if teacher_logits is None:
+        teacher_logits = np.concatenate(list(batched_apply(teacher.apply, tv, images, 500)))
+    elif len(teacher_logits) != len(images):
+        raise ValueError("teacher_logits must have one row per image")
     probe = jax.eval_shape(lambda x: fns.prefix(tv, x), jnp.zeros((1, *images.shape[1:])))
     precompute = len(images) * math.prod(probe.shape[1:]) * 4 <= precompute_bytes
     if precompute:

@@ -248,8 +248,8 @@ def distill_block() -> nbformat.NotebookNode:
                 `prepare_block` streams the images through the teacher, takes `3×3` patches of
                 the block input at sampled output locations (rows) and the teacher's block
                 output there (targets), and reduces both by PCA. `solve_prepared` samples gates
-                from the rows, solves the nuclear-norm problem to a relative duality gap
-                ≤ `tol` and maps the solution to a Flax block.
+                from the rows, solves the group-lasso (`coupled`) problem to a relative duality
+                gap ≤ `tol` (whole gates are pruned) and maps the solution to a Flax block.
                 """
             ),
             code(
@@ -258,7 +258,7 @@ def distill_block() -> nbformat.NotebookNode:
                 from cvxdist.distill.pipeline import prepare_block, solve_prepared
 
                 config = DistillConfig(cut=cut, gates=GATES, max_rows=MAX_ROWS, lam_frac=0.02,
-                                       max_input_dim=32, max_output_dim=16)
+                                       reg="coupled", max_input_dim=32, max_output_dim=16)
                 block = prepare_block(teacher, subset.images, cut, config, progress=not TINY)
                 convex = solve_prepared(teacher, block, config, (0.02,), progress=False)
                 print(block.rows.shape, "->", block.targets.shape)

@@ -23,6 +23,7 @@ from cvxdist.streaming import image_patches
 from cvxdist.teachers import load_teacher
 
 CONFIG = {
+    "reg": "coupled",
     "gates": 12,
     "max_rows": 500,
     "lam_frac": 0.05,

@@ -46,7 +46,9 @@ def _tiny(h):
 def first_run(harness, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-distill")
     grid = _tiny(harness)
-    payload = harness.run(out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None)
+    payload = harness.run(
+        out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None, keep_going=False
+    )
     return out, grid, payload
 
 
@@ -96,7 +98,9 @@ def test_rerun_recomputes_nothing(first_run, harness, monkeypatch):
         raise AssertionError("a finished point was recomputed")
 
     monkeypatch.setattr(harness, "RUNNERS", dict.fromkeys(harness.RUNNERS, refuse))
-    payload = harness.run(out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None)
+    payload = harness.run(
+        out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None, keep_going=False
+    )
     assert payload["computed"] == 0 and payload["reused"] == 3
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "records").iterdir()}
     assert after == before
@@ -115,7 +119,9 @@ def test_a_half_written_record_is_recomputed_and_only_it(first_run, harness, mon
         return [{"method": "convex", "accuracy": 0.5, "block_params": 1}]
 
     monkeypatch.setattr(harness, "RUNNERS", dict.fromkeys(harness.RUNNERS, stub))
-    payload = harness.run(out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None)
+    payload = harness.run(
+        out, grid=grid, only=["E1", "E3", "E4"], log=lambda _: None, keep_going=False
+    )
     assert payload["computed"] == 1 and payload["reused"] == 2
     assert len(calls) == 1 and calls[0]["to"] == "head"
     assert json.loads(e4.read_text())["complete"]
