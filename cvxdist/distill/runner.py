@@ -215,7 +215,14 @@ def _plot_distill(result: dict[str, Any], path: Path) -> None:
 
 def _demo_settings(quick: bool, fallback: bool) -> dict[str, Any]:
     if quick:
-        return {"samples_per_class": 20, "gates": 32, "max_rows": 3000, "adam_steps": 300}
+        # coupled: a cheap prox (no per-gate SVD) keeps the CI-sized demo fast
+        return {
+            "samples_per_class": 20,
+            "gates": 32,
+            "max_rows": 2000,
+            "adam_steps": 300,
+            "reg": "coupled",
+        }
     if fallback:
         return {"samples_per_class": None, "gates": 96, "max_rows": 20_000, "adam_steps": 1500}
     return {"samples_per_class": 100, "gates": 128, "max_rows": 30_000, "adam_steps": 1500}
@@ -261,7 +268,11 @@ def run_demo(args: argparse.Namespace) -> int:
     subset = _subset(train, per_class, args.seed)
     cut = _default_cut(teacher)
     config = DistillConfig(
-        cut=cut, gates=settings["gates"], max_rows=settings["max_rows"], seed=args.seed
+        cut=cut,
+        gates=settings["gates"],
+        max_rows=settings["max_rows"],
+        reg=settings.get("reg", "nuclear"),
+        seed=args.seed,
     )
     _say(quiet, f"teacher {teacher.name}: distilling {cut} from {len(subset)} images")
     start = time.perf_counter()
