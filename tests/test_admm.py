@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,14 @@ from cvxdist import operators
 from cvxdist.mapping import predict_convex
 from cvxdist.problems import evaluate, lam_max, make_problem
 from cvxdist.prox import get_regularizer
-from cvxdist.solvers import RESULTS, Admm, solve, solve_batch, trace_count
-from cvxdist.solvers.admm import apply_kernel, dense_kernel, nystrom
+from cvxdist.solvers import RESULTS, Admm, choose_solver, solve, solve_batch, trace_count
+from cvxdist.solvers.admm import (
+    _nystrom_precondition,
+    _pcg,
+    apply_kernel,
+    dense_kernel,
+    nystrom,
+)
 
 # Every test runs with 64-bit arrays (the conftest fixture), so checks can be tight.
 pytestmark = pytest.mark.usefixtures("x64")
@@ -87,11 +95,28 @@ def test_nystrom_of_full_rank_reproduces_the_kernel_and_preconditions_exactly():
     problem = build("tall")
     kernel = dense_kernel(problem)
     rows = kernel.shape[0]
-    vecs, vals = nystrom(lambda V: kernel @ V, rows, rows, kernel.dtype, jax.random.PRNGKey(1))
+    sketch = jax.jit(
+        lambda K, rank: nystrom(lambda V: K @ V, rows, rank, K.dtype, jax.random.PRNGKey(1)),
+        static_argnums=1,
+    )
+    vecs, vals = sketch(kernel, rows)
     approx = (vecs * vals) @ vecs.T
     np.testing.assert_allclose(approx, kernel, atol=1e-8 * float(jnp.max(vals)))
+    # Full rank: the preconditioned operator is (λ_min + μ) I, so one CG step solves.
+    mu = 0.3
+    b = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 2)))
+    solution, _, steps = _pcg(
+        lambda V: mu * V + kernel @ V,
+        lambda R: _nystrom_precondition(vecs, vals, mu, R),
+        b,
+        jnp.zeros_like(b),
+        1e-10,
+        50,
+    )
+    np.testing.assert_allclose(kernel @ solution + mu * solution, b, atol=1e-8)
+    assert int(steps) <= 2
     # A rank-30 sketch captures the top of the spectrum (Frangella et al.: error ≲ tail).
-    _, vals30 = nystrom(lambda V: kernel @ V, rows, 30, kernel.dtype, jax.random.PRNGKey(1))
+    _, vals30 = sketch(kernel, 30)
     exact = np.sort(np.linalg.eigvalsh(np.asarray(kernel)))[::-1]
     assert np.all(np.asarray(vals30) <= exact[:30] * (1 + 1e-8) + 1e-9)
     assert float(vals30[0]) >= 0.9 * exact[0]
@@ -240,6 +265,23 @@ def test_warm_start_at_the_optimum_stops_at_once():
     again = solve(problem, lam, reg="one_vs_all", solver="admm", tol=1e-10, init=first)
     assert int(again.stats.iterations) <= 1
     assert again.converged
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((1000, 50, 1, 500), "admm"),  # the CPU benchmark problems
+        ((5000, 100, 10, 1000), "admm"),
+        ((20000, 200, 1, 2000), "fista"),  # no dense kernel; CG never pays off
+        ((8000, 20, 1, 100), "fista"),  # cheap GEMMs: the kernel would dominate
+    ],
+)
+def test_auto_chooses_by_shape(shape, expected):
+    N, d, c, P = shape
+    # choose_solver reads shapes only: stand-in arrays, no problem data.
+    stand_in = SimpleNamespace(X=np.empty((1, N, d)), G=np.empty((d, P)), Y=np.empty((1, N, c)))
+    assert choose_solver(stand_in) == expected
+    assert choose_solver(None) == "fista"
 
 
 # --------------------------------------------------------------------------------- errors

@@ -284,7 +284,7 @@ class Admm(IterativeSolver):
     reg: Regularizer
     rho: Any = eqx.field(default=None, converter=_optional_array)
     rho_scale: float = 0.5
-    relaxation: float = 1.6
+    relaxation: float = 1.8
     adapt: str = "none"
     adapt_period: int = 10
     max_rho_updates: int = 10

@@ -19,6 +19,7 @@ from jax import Array
 
 from cvxdist.problems import GatedReluProblem, lam_max, with_precision
 from cvxdist.prox import Regularizer, get_regularizer
+from cvxdist.solvers.admm import DENSE_MAX_ROWS
 from cvxdist.solvers.common import IterativeSolver, Solution, iterate
 from cvxdist.solvers.fista import Fista
 
@@ -57,8 +58,24 @@ def make_solver(
 
 
 def choose_solver(problem: GatedReluProblem | None) -> str:
-    """The solver ``auto`` uses for a problem (documented in the README)."""
-    del problem
+    """The solver ``auto`` uses for a problem (documented in the README).
+
+    ``admm`` when its N × N kernel is worth forming, else ``fista``. In units of one GEMM of
+    an iteration (``2 N d P c`` flops), ADMM pays once ``N/(d c) + N²/(6 d P c)`` to form and
+    factor the kernel and, per iteration, about ``5 N/(d P)`` for the triangular solves, for
+    roughly half of R-FISTA's iterations at three GEMMs each (measured on the CPU benchmark
+    problems). So: ``admm`` if the padded ``N ≤ 8000`` (the dense kernel), setup ≤ 50 and
+    per-iteration overhead ≤ 1; ``fista`` otherwise (matrix-free CG needs a Nyström sketch of
+    rank ≳ d, i.e. ≳ d GEMM pairs, and several GEMM pairs per iteration: never faster).
+    """
+    if problem is None:
+        return "fista"
+    rows = problem.X.shape[-3] * problem.X.shape[-2]
+    d, P, c = problem.X.shape[-1], problem.G.shape[-1], problem.Y.shape[-1]
+    setup = rows / (d * c) + rows**2 / (6.0 * d * P * c)
+    per_iteration = 5.0 * rows / (d * P)
+    if rows <= DENSE_MAX_ROWS and setup <= 50.0 and per_iteration <= 1.0:
+        return "admm"
     return "fista"
 
 
