@@ -142,7 +142,6 @@ def full_grid(teacher: str) -> Grid:
             Size("XS", gates=8, input_dim=8, output_dim=6, lam_frac=0.05),
             Size("S", gates=16, input_dim=16, output_dim=8, lam_frac=0.03),
             Size("M", gates=32, input_dim=24, output_dim=12, lam_frac=0.02),
-            Size("L", gates=64, input_dim=48, output_dim=16, lam_frac=0.01),
         )
         return Grid(
             teacher=teacher,
@@ -173,7 +172,7 @@ def full_grid(teacher: str) -> Grid:
         kd_steps=300,
         kd_batch=64,
         e1_sizes=sizes,
-        e1_methods=E1_METHODS,
+        e1_methods=("convex", "relu-adam", "logit-kd", "pruning"),  # fixed gates: E2, E3
         e1_samples=100,
         e2_size=sizes[1],
         e3_samples=100,
@@ -1057,6 +1056,21 @@ def _summarize_e3(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 entry[method][f"ratio_to_{name}"] = (
                     None if time_to is None else time_to / max(other["train_time_s"], 1e-12)
                 )
+        convex_losses = [r["loss"] for m, r in by_method.items() if m.startswith("convex")]
+        target = min(convex_losses) if convex_losses else None
+        runs = {}
+        for name in ("relu-adam", "relu-adam-mb", "fixed-gate-adam"):
+            other = by_method.get(name)
+            if other is None:
+                continue
+            reach = [p for p in other["curve"] if target is not None and p["loss"] <= target]
+            runs[name] = {
+                "final_loss": other["loss"],
+                "train_time_s": other["train_time_s"],
+                "accuracy": other["accuracy"],
+                "time_to_convex_loss_s": reach[0]["time_s"] if reach else None,
+            }
+        entry["adam_runs"] = runs
         per_seed.append(entry)
     return {"per_seed": per_seed}
 
@@ -1426,6 +1440,34 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
             markdown_table(header, table),
             "",
         ]
+        table = []
+        for entry in e3:
+            for name, run in entry.get("adam_runs", {}).items():
+                table.append(
+                    [
+                        entry["seed"],
+                        LABELS.get(name, name),
+                        fmt(run["final_loss"], 4),
+                        fmt(run["train_time_s"], 3),
+                        f"{100 * run['accuracy']:.2f}",
+                        fmt(run["time_to_convex_loss_s"], 3),
+                    ]
+                )
+        header = [
+            "seed",
+            "Adam run",
+            "final loss",
+            "time (s)",
+            "accuracy %",
+            "time to the convex loss (s)",
+        ]
+        lines += [
+            "The other direction: when each Adam run first reached the convex student's loss "
+            "(best solver, tightest tolerance).",
+            "",
+            markdown_table(header, table),
+            "",
+        ]
     if summary["E4"]:
         lines += ["## E4: head student (pooled features -> logits)", ""]
         table = []
@@ -1509,6 +1551,7 @@ def combined_report(dirs: Sequence[Path], target: Path, preamble: str = "") -> s
         parts += [preamble.strip(), ""]
     for directory in dirs:
         payload = json.loads((Path(directory) / "distill.json").read_text())
+        payload["summary"] = summarize(payload)  # with this version's summary
         plots = make_plots(payload, Path(directory))
         prefix = os.path.relpath(directory, target.parent)
         text = markdown_report(payload, [os.path.join(prefix, p) for p in plots])
@@ -1535,6 +1578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.to is None:
         for directory in args.dirs:
             payload = json.loads((directory / "distill.json").read_text())
+            payload["summary"] = summarize(payload)
+            write_json(directory / "distill.json", payload)
             plots = make_plots(payload, directory)
             (directory / "REPORT.md").write_text(markdown_report(payload, plots), "utf-8")
             print(f"wrote {directory / 'REPORT.md'}", file=sys.stderr)
