@@ -130,10 +130,16 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    # Scoped, not global: `main()` also runs inside other programs and tests.
+    with jax.enable_x64(args.dtype == "float64"):
+        return _solve_and_write(args, arrays)
+
+
+def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
+    import jax
     import numpy as np
 
+    from cvxdist.cli import UserError
     from cvxdist.problems import make_problem
     from cvxdist.sharding import devices_of
     from cvxdist.solvers import choose_solver, solve
