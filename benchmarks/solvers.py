@@ -26,8 +26,10 @@ gap of its output is checked and the solve repeated with a tighter ``tol`` if it
 Timing: float32 for both; the same number of threads (all usable cores) for XLA, OpenBLAS (which
 pyscnn's default CPU backend, numpy through ``opt_einsum``, uses) and torch. cvxdist is timed
 with compilation (first call for the shapes) and in steady state (median of later calls); one
-iteration is compared with the two GEMMs it needs (forward ``X @ W``, ``W (d, P·c)``, and
-adjoint ``Xᵀ @ Z``, ``Z (N, P·c)``), jitted and timed in the same run.
+iteration is compared with the two GEMMs it performs, jitted and timed in the same run: in the
+feature-first order forward ``X @ W``, ``W (d, P·c)``, and adjoint ``Xᵀ @ Z``, ``Z (N, P·c)``; in
+the gate-first order (see :mod:`cvxdist.operators`) ``M @ W``, ``W (P, d·c)``, and ``Mᵀ @ Z``,
+``Z (N, d·c)``, with ``M`` the ``(N, P)`` float masks. Same flops either way.
 
 Run: ``cvxdist bench solvers --out DIR`` (full) or ``--quick`` (one small problem, for CI).
 """
@@ -383,7 +385,8 @@ def time_iteration_vs_gemms(
 
     The iteration is a jitted ``Fista.step`` from a fixed state whose step needs no
     backtracking (so it performs exactly one forward and one adjoint product); the GEMMs are
-    jitted float32 ``X @ W`` with ``W (d, P·c)`` and ``Xᵀ @ Z`` with ``Z (N, P·c)``. Each round
+    jitted float32 products of the same contraction order as the operators (``X @ W`` and
+    ``Xᵀ @ Z``, or ``M @ W`` and ``Mᵀ @ Z`` gate first). Each round
     times the step, then both GEMMs, so that contention from other processes hits them alike;
     the ratio is the median of the per-round ratios.
     """
@@ -403,12 +406,19 @@ def time_iteration_vs_gemms(
             break
         state = following
 
+    from cvxdist.operators import gate_first
+
     N, d = inst.X.shape
-    Pc = inst.G.shape[1] * inst.Y.shape[1]
+    P, c = inst.G.shape[1], inst.Y.shape[1]
     rng = np.random.default_rng(0)
-    X = jnp.asarray(inst.X, jnp.float32)
-    W = jnp.asarray(rng.standard_normal((d, Pc)), jnp.float32)
-    Z = jnp.asarray(rng.standard_normal((N, Pc)), jnp.float32)
+    if gate_first(d, P, c):  # the products the operators perform in that order
+        X = jnp.asarray(inst.X @ inst.G >= 0, jnp.float32)
+        inner, outer = P, d * c
+    else:
+        X = jnp.asarray(inst.X, jnp.float32)
+        inner, outer = d, P * c
+    W = jnp.asarray(rng.standard_normal((inner, outer)), jnp.float32)
+    Z = jnp.asarray(rng.standard_normal((N, outer)), jnp.float32)
     forward = jax.jit(lambda X, W: X @ W)
     adjoint = jax.jit(lambda X, Z: X.T @ Z)
 
@@ -431,7 +441,7 @@ def time_iteration_vs_gemms(
         fwds.append(t_fwd)
         adjs.append(t_adj)
         ratios.append(t_step / (t_fwd + t_adj))
-    flops = 2.0 * N * d * Pc
+    flops = 2.0 * N * d * P * c
     gemm = statistics.median([f + a for f, a in zip(fwds, adjs)])
     return {
         "rounds": rounds,
@@ -829,9 +839,10 @@ def markdown_report(payload: dict[str, Any]) -> str:
         "gap ≤ target (gap-evaluation time excluded). Ours: `solve(..., tol="
         f"{s['our_tol']:g})`, stopped by its own certificate; first call includes compilation, "
         "steady = median of later calls. iter = one jitted R-FISTA step that needs no "
-        "backtracking, GEMMs = one jitted `X @ W` plus one `Xᵀ @ Z` (the two products that "
-        "step performs), timed interleaved (median of per-round ratios); solve ms / iter = "
-        "steady solve time / iterations (backtracks included: each costs one more `X @ W`).",
+        "backtracking, GEMMs = the two products that step performs (`X @ W` and `Xᵀ @ Z`, or "
+        "`M @ W` and `Mᵀ @ Z` in the gate-first order), timed interleaved (median of per-round "
+        "ratios); solve ms / iter = steady solve time / iterations (backtracks included: each "
+        "costs one more forward product).",
         "",
         f"pyscnn at its default tolerance ({SCNN_DEFAULT_TOL:g} on the squared min-norm "
         "subgradient):",

@@ -7,7 +7,17 @@ With rows ``X (N, d)``, gates ``G (d, P)`` and masks ``M = 1[X G >= 0] (N, P)``:
     A(U) = \sum_i M_{:, i} \odot (X U_i) \in R^{N \times c}, \qquad
     A^T(R)_i = X^T (M_{:, i} \odot R) \in R^{d \times c}.
 
-Each is one GEMM against ``U`` viewed as ``(d, P·c)`` plus a masked reduction. Rows live in
+Each is one GEMM plus an elementwise reduction, in one of two contraction orders chosen from
+the static shapes (:func:`gate_first`):
+
+- *feature first*: ``X_k @ U`` viewed as ``(d, P·c)``, then the masked sum over gates; the
+  intermediate is ``(n, P, c)``;
+- *gate first*: ``M_k @ U`` viewed as ``(P, d·c)``, then the row-wise dot with ``X_k``
+  (adjoint: ``M_kᵀ @ (X_k ⊗ R_k)``); the intermediate is ``(n, d, c)``.
+
+Both cost ``2·n·d·P·c`` flops in the GEMM; they differ in the memory-bound elementwise
+part, ``n·P·c`` against ``n·(d·c + P)``, so gate first wins when ``c > 1`` and ``d < P``
+(pyscnn's order). Rows live in
 ``K`` chunks of ``n`` rows (``problem.X`` has shape ``(K, n, d)``); the chunk loop is a
 ``lax.scan`` (``K`` is static), so the ``(n, P, c)`` intermediate is the peak memory. Masks
 are either stored as booleans per chunk or recomputed from ``X_k G`` inside the loop; never
@@ -122,9 +132,28 @@ def sum_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) 
     return total
 
 
+def gate_first(num_features: int, num_gates: int, num_outputs: int) -> bool:
+    """Whether the gate-first contraction order moves less memory (static shapes).
+
+    Feature first streams an ``(n, P, c)`` intermediate, gate first an ``(n, d, c)`` one plus
+    the ``(n, P)`` float masks.
+    """
+    return num_features * num_outputs + num_gates < num_gates * num_outputs
+
+
 def forward(problem: GatedReluProblem, U: Array) -> Array:
     """:math:`A(U)`: the gated part of the prediction, shape ``(K, n, c)``."""
     P, d, c = U.shape
+    if gate_first(d, P, c):
+        U_gates = U.reshape(P, d * c)
+
+        def chunk(X_k: Array, M_k: Array | None) -> Array:
+            masks = chunk_masks(problem, X_k, M_k).astype(X_k.dtype)
+            mixed = matmul(problem, masks, U_gates).reshape(-1, d, c)
+            return jnp.einsum("nd,ndc->nc", X_k, mixed)
+
+        return map_chunks(problem, chunk)
+
     U_flat = jnp.transpose(U, (1, 0, 2)).reshape(d, P * c)
 
     def chunk(X_k: Array, M_k: Array | None) -> Array:
@@ -140,6 +169,14 @@ def adjoint(problem: GatedReluProblem, R: Array) -> Array:
     P = problem.num_gates
     c = R.shape[-1]
     d = problem.X.shape[-1]
+    if gate_first(d, P, c):
+
+        def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
+            masks = chunk_masks(problem, X_k, M_k).astype(X_k.dtype)
+            outer = (X_k[:, :, None] * R_k[:, None, :]).reshape(-1, d * c)
+            return matmul(problem, masks.T, outer)
+
+        return sum_chunks(problem, chunk, R).reshape(P, d, c)
 
     def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
         masks = chunk_masks(problem, X_k, M_k)

@@ -25,10 +25,21 @@ def unchunk(problem, A):
     return np.asarray(A).reshape(-1, A.shape[-1])[: problem.num_rows]
 
 
+# (d, c, P): feature first (c = 1; d·c + P ≥ P·c) and gate first (c > 1, d < P).
+SHAPES = [(5, 3, 7), (5, 1, 20), (4, 3, 16)]
+
+
+@pytest.mark.parametrize("d,c,P", SHAPES)
+def test_contraction_order_follows_the_shapes(d, c, P):
+    assert operators.gate_first(d, P, c) == (d * c + P < P * c)
+    assert [operators.gate_first(d, P, c) for d, c, P in SHAPES] == [False, False, True]
+
+
+@pytest.mark.parametrize("d,c,P", SHAPES)
 @pytest.mark.parametrize("chunk_rows", [None, 8, 37])
 @pytest.mark.parametrize("store_masks", [True, False])
-def test_forward_matches_dense_and_adjoint_is_adjoint(x64, chunk_rows, store_masks):
-    X, Y, G = random_arrays()
+def test_forward_matches_dense_and_adjoint_is_adjoint(x64, chunk_rows, store_masks, d, c, P):
+    X, Y, G = random_arrays(d=d, c=c, P=P)
     problem = make_problem(X, Y, G, chunk_rows=chunk_rows, store_masks=store_masks)
     assert (problem.masks is None) == (not store_masks)
     rng = np.random.default_rng(1)
@@ -39,6 +50,9 @@ def test_forward_matches_dense_and_adjoint_is_adjoint(x64, chunk_rows, store_mas
     R_chunked = make_problem(X, R, G, chunk_rows=chunk_rows).Y
     adjoint = np.asarray(operators.adjoint(problem, R_chunked))
     np.testing.assert_allclose(np.sum(forward * R), np.sum(U * adjoint), rtol=1e-11)
+    masks = (X @ G >= 0).astype(float)
+    dense_adjoint = np.einsum("np,nd,nc->pdc", masks, X, R)
+    np.testing.assert_allclose(adjoint, dense_adjoint, rtol=1e-12, atol=1e-12)
 
 
 def test_padded_rows_never_contribute(x64):
