@@ -1,0 +1,252 @@
+"""One prepared accelerator check: the MNIST-shaped convex solve and a distillation run.
+
+Part 1 solves scnn's MNIST shape (N=60000 rows, d=784, c=10 outputs, P=5000 gates; planted
+targets, unit-norm columns, ``coupled`` at λ = 0.05 λ_max) to a relative duality gap of 1e-3
+with each solver (R-FISTA, ADMM) and GEMM precision (``highest``: true float32; ``bf16``:
+bfloat16 operands, float32 accumulation, re-certified in float32). Part 2 distills the last
+stage, then the last two stages, of the shipped Fashion-MNIST ResNet-20 on all its training
+images (``cvxdist distill``) and records the spliced accuracy.
+
+Every case runs in its own process under a deadline taken from one overall budget (default
+450 s, so the whole script ends inside 8 minutes), and its JSON is written as soon as it ends:
+a case that runs out of time or memory is recorded as such and the others still run. The
+first call of each solve compiles; the time of a second, steady-state call is reported too.
+
+Run on an accelerator machine from the repository root (no install of cvxdist needed, only
+its dependencies with a CUDA jaxlib; Fashion-MNIST is read from ``--data-dir`` or the Debian
+package's folder, and the distillation part is recorded as skipped without it)::
+
+    PYTHONPATH=. python -m benchmarks.gpu_check --out benchmarks/results/gpu \
+        --data-dir data/fashion-mnist
+
+where ``data/fashion-mnist`` is an untracked copy of ``/usr/share/datasets/fashion-mnist``
+taken along to that machine.
+
+``--size tiny`` runs the same code on a small problem and the digits teacher (CI, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, machine_description, write_json
+
+#: Problem shapes: ``full`` is scnn's MNIST shape.
+SIZES: dict[str, dict[str, int]] = {
+    "full": {"N": 60_000, "d": 784, "c": 10, "P": 5_000},
+    "tiny": {"N": 600, "d": 20, "c": 3, "P": 60},
+}
+CASES: tuple[tuple[str, str], ...] = (
+    ("fista", "highest"),
+    ("fista", "bf16"),
+    ("admm", "highest"),
+    ("admm", "bf16"),
+)
+LAM_FRAC = 0.05
+TARGET_GAP = 1e-3
+#: Distillation runs: (name, teacher, dataset, extra ``cvxdist distill`` arguments).
+DISTILL: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
+    "full": (
+        ("last-stage", "fashion-resnet20", "fashion_mnist", ("--cut", "stage3", "--gates", "256")),
+        (
+            "last-two-stages",
+            "fashion-resnet20",
+            "fashion_mnist",
+            ("--cut", "stage2", "--to", "stage3", "--gates", "256"),
+        ),
+    ),
+    "tiny": (
+        (
+            "last-stage",
+            "digits-cnn",
+            "digits",
+            ("--cut", "stage3", "--gates", "16", "--samples-per-class", "10"),
+        ),
+    ),
+}
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def planted_arrays(N: int, d: int, c: int, P: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Rows with unit-norm columns, targets of a planted ReLU network, Gaussian gates."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, d), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=0, keepdims=True)
+    hidden = np.maximum(X @ rng.standard_normal((d, 64), dtype=np.float32), 0)
+    Y = hidden @ rng.standard_normal((64, c), dtype=np.float32)
+    Y += 0.1 * Y.std(axis=0) * rng.standard_normal(Y.shape, dtype=np.float32)
+    Y /= Y.std(axis=0)
+    return X, Y, rng.standard_normal((d, P), dtype=np.float32)
+
+
+def run_solve_case(size: str, solver: str, precision: str) -> dict[str, Any]:
+    """Solve the problem of ``size`` with one solver and precision; certify in float32."""
+    import jax
+
+    from cvxdist.problems import certify, lam_max, make_problem
+    from cvxdist.prox import get_regularizer
+    from cvxdist.solvers import solve
+
+    shape = SIZES[size]
+    X, Y, G = planted_arrays(**shape)
+    tic = time.perf_counter()
+    problem = make_problem(X, Y, G, precision=precision)
+    reg = get_regularizer("coupled")
+    lam = LAM_FRAC * float(lam_max(problem, reg))
+    setup_s = time.perf_counter() - tic
+    max_iters = 3000
+    first = solve(problem, lam, solver=solver, tol=TARGET_GAP, max_iters=max_iters)
+    jax.block_until_ready(first.U)
+    steady = solve(problem, lam, solver=solver, tol=TARGET_GAP, max_iters=max_iters)
+    jax.block_until_ready(steady.U)
+    gap = float(
+        certify(problem, reg, jax.numpy.asarray(lam, problem.dtype), steady.U).evaluation.rel_gap
+    )
+    return {
+        "solver": solver,
+        "precision": precision,
+        "shape": shape,
+        "lam_frac": LAM_FRAC,
+        "setup_s": setup_s,
+        "first_call_s": float(first.stats.time_s),
+        "steady_s": float(steady.stats.time_s),
+        "iterations": int(steady.stats.iterations),
+        "converged": bool(steady.converged),
+        "message": steady.message,
+        "reported_gap": float(steady.stats.rel_gap),
+        "float32_gap": gap,
+        "active_gates": int(steady.stats.active_gates),
+        "masks_stored": problem.masks is not None,
+        "chunk_rows": problem.chunk_rows,
+    }
+
+
+def _run_subprocess(argv: list[str], timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+    tic = time.perf_counter()
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO_ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "wall_s": time.perf_counter() - tic, "limit_s": timeout_s}
+    record: dict[str, Any] = {"wall_s": time.perf_counter() - tic}
+    if done.returncode != 0:
+        record.update(status="failed", returncode=done.returncode, stderr=done.stderr[-2000:])
+    else:
+        record["status"] = "ok"
+        record["stdout_tail"] = done.stdout[-1000:]
+    return record
+
+
+def _fashion_dir(data_dir: Path | None) -> Path | None:
+    for folder in (data_dir, FASHION_DIR):
+        if folder is not None and any(Path(folder).glob("train-images-idx3-ubyte*")):
+            return Path(folder)
+    return None
+
+
+def run(
+    out_dir: Path,
+    *,
+    size: str = "full",
+    budget_s: float = 450.0,
+    data_dir: Path | None = None,
+    cases: Sequence[tuple[str, str]] = CASES,
+) -> dict[str, Any]:
+    """Every case in its own process under one overall deadline; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + budget_s
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    payload: dict[str, Any] = {
+        "benchmark": "gpu_check",
+        "size": size,
+        "budget_s": budget_s,
+        "target_gap": TARGET_GAP,
+        "machine": machine_description(),
+        "solves": [],
+        "distill": [],
+    }
+    summary_path = out_dir / "gpu_check.json"
+    for solver, precision in cases:
+        left = deadline - time.perf_counter()
+        record: dict[str, Any] = {"solver": solver, "precision": precision}
+        if left < 20:
+            record["status"] = "not run (budget spent)"
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                case_json = Path(tmp) / "case.json"
+                argv = [sys.executable, "-m", "benchmarks.gpu_check", "--size", size]
+                argv += ["--case", f"{solver}:{precision}", "--case-out", str(case_json)]
+                record.update(_run_subprocess(argv, min(left, budget_s / 2), env))
+                if case_json.is_file():
+                    record.update(json.loads(case_json.read_text()))
+        payload["solves"].append(record)
+        print(json.dumps(record), flush=True)
+        write_json(summary_path, payload)
+
+    fashion = _fashion_dir(data_dir)
+    for name, teacher, dataset, extra in DISTILL[size]:
+        left = deadline - time.perf_counter()
+        record = {"name": name, "teacher": teacher, "dataset": dataset, "args": list(extra)}
+        run_dir = out_dir / f"distill-{name}"
+        if dataset == "fashion_mnist" and fashion is None:
+            record["status"] = "skipped: Fashion-MNIST not found (give --data-dir)"
+        elif left < 30:
+            record["status"] = "not run (budget spent)"
+        else:
+            argv = [sys.executable, "-m", "cvxdist.cli", "distill", "--teacher", teacher]
+            argv += ["--dataset", dataset, *extra, "--quiet", "--no-cache", "--out", str(run_dir)]
+            if dataset == "fashion_mnist":
+                argv += ["--data-dir", str(fashion)]
+            record.update(_run_subprocess(argv, left, env))
+            result_path = run_dir / "result.json"
+            if result_path.is_file():
+                result = json.loads(result_path.read_text())
+                keys = ("accuracy", "teacher_accuracy", "agreement", "block_params")
+                keys += ("teacher_block_params", "compression", "train_images", "time_s")
+                record["result"] = {key: result.get(key) for key in keys}
+                record["stages"] = [
+                    {k: v for k, v in stage.items() if not isinstance(v, (list, dict))}
+                    for stage in result.get("stages", [])
+                ]
+        payload["distill"].append(record)
+        print(json.dumps(record)[:2000], flush=True)
+        write_json(summary_path, payload)
+    payload["wall_s"] = budget_s - (deadline - time.perf_counter())
+    write_json(summary_path, payload)
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for gpu_check.json")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="overall deadline")
+    parser.add_argument("--data-dir", type=Path, help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # SOLVER:PRECISION, in a child
+    parser.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        solver, precision = args.case.split(":")
+        record = run_solve_case(args.size, solver, precision)
+        args.case_out.write_text(json.dumps(record))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    run(args.out, size=args.size, budget_s=args.budget_s, data_dir=args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

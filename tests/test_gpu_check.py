@@ -1,0 +1,25 @@
+"""The prepared accelerator script, run on the CPU at its tiny size."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import gpu_check
+
+
+def test_tiny_run_certifies_every_case_and_distills(tmp_path):
+    cases = (("fista", "highest"), ("admm", "bf16"))
+    payload = gpu_check.run(tmp_path, size="tiny", budget_s=400, cases=cases)
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(payload))
+    assert [(r["solver"], r["precision"]) for r in payload["solves"]] == list(cases)
+    for record in payload["solves"]:
+        assert record["status"] == "ok", record
+        assert record["converged"], record["message"]
+        # Re-certified with float32 GEMMs, bf16 solves included.
+        assert record["float32_gap"] <= gpu_check.TARGET_GAP * 1.01
+        assert record["steady_s"] > 0 and record["iterations"] >= 1
+    (distilled,) = payload["distill"]
+    assert distilled["status"] == "ok", distilled
+    result = distilled["result"]
+    assert 0.5 < result["accuracy"] <= 1.0 and 0.5 < result["agreement"] <= 1.0
+    assert result["block_params"] > 0 and distilled["stages"][0]["stage"] == "stage3"
