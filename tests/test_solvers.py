@@ -22,6 +22,7 @@ from cvxdist.solvers import (
     stack_problems,
     trace_count,
 )
+from cvxdist.solvers.fista import Fista
 
 LAM_FRAC = 0.1
 
@@ -257,3 +258,11 @@ def test_vmap_lanes_are_frozen_after_convergence(x64):
     assert np.all(np.asarray(batch.weights.U[0]) == 0)
     assert int(batch.stats.iterations[1]) > 10
     assert jax.tree.structure(batch) is not None
+
+
+@pytest.mark.parametrize(
+    "options", [{"growth": 0.9}, {"shrink": 1.0}, {"growth": 2.5, "shrink": 0.5}, {"shrink": 0.0}]
+)
+def test_fista_line_search_settings_are_validated(options):
+    with pytest.raises(ValueError, match="growth"):
+        Fista(get_regularizer("coupled"), **options)

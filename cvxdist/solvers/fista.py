@@ -59,6 +59,16 @@ class Fista(IterativeSolver):
     shrink: float = 0.5
     max_backtracks: int = 60
 
+    def __check_init__(self) -> None:
+        if not (self.growth >= 1.0 and 0.0 < self.shrink < 1.0 and self.growth * self.shrink < 1):
+            raise ValueError(
+                "R-FISTA needs growth >= 1, 0 < shrink < 1 and growth * shrink < 1 (so that one "
+                f"rejected trial shortens the step); got growth={self.growth}, "
+                f"shrink={self.shrink}"
+            )
+        if self.max_backtracks < 1:
+            raise ValueError(f"max_backtracks must be at least 1, got {self.max_backtracks}")
+
     def _gradient(self, problem: GatedReluProblem, r: Array) -> Array:
         return -operators.adjoint(problem, r) / problem.num_rows
 
