@@ -69,6 +69,41 @@ def test_quick_benchmark_writes_results_and_both_tools_reach_the_gap(tmp_path, c
     assert summary["both_reached_target"] is True
     assert isinstance(summary["meets_speedup_target"], bool)
     assert isinstance(summary["meets_iteration_target"], bool)
+    # ADMM on the same problem, certified by the benchmark's float64 gap; auto is one of them.
+    admm = problem["admm"]
+    assert admm["solver"] == "admm" and admm["reached_target"]
+    assert 0 <= admm["rel_gap"] <= target and admm["iterations"] > 0
+    assert problem["auto"]["chooses"] in ("fista", "admm")
+    chosen = admm if problem["auto"]["chooses"] == "admm" else ours
+    assert problem["auto"]["time_steady_s"] == chosen["time_steady_s"]
+    assert problem["best_time_steady_s"] == min(ours["time_steady_s"], admm["time_steady_s"])
+    assert problem["best_speedup_steady"] >= problem["speedup_steady"]
+    assert isinstance(summary["meets_best_speedup_target"], bool)
+    assert "## ADMM and `auto`" in (out / "solvers.md").read_text()
+    saved = json.loads((out / "records" / f"{problem['name']}.json").read_text())
+    assert saved["record"]["name"] == problem["name"]
+
+
+def test_finished_problems_are_reused_only_for_the_same_commit(bench, tmp_path, monkeypatch):
+    """Resuming an interrupted grid: a saved problem is not measured again at the same clean
+    commit, and is measured again after a new commit or with uncommitted package edits."""
+    calls = []
+    fake = {"name": bench.QUICK_PROBLEMS[0].name, "speedup_steady": 1.0}
+
+    def run_problem(spec, **_):
+        calls.append(spec.name)
+        return {**fake, "run": len(calls)}
+
+    state = {"git_commit": "abc", "package_modified_since_commit": False}
+    monkeypatch.setattr(bench, "run_problem", run_problem)
+    monkeypatch.setattr(bench, "machine_description", lambda *_: dict(state))
+    monkeypatch.setattr(bench, "summarize", lambda problems: {})
+    monkeypatch.setattr(bench, "markdown_report", lambda payload: "")
+    runs = []
+    for commit, modified in [("abc", False), ("abc", False), ("def", False), ("def", True)]:
+        state.update(git_commit=commit, package_modified_since_commit=modified)
+        runs.append(bench.run(tmp_path, quick=True)["problems"][0]["run"])
+    assert runs == [1, 1, 2, 3] and len(calls) == 3
 
 
 def test_same_optimum_as_pyscnn_after_the_lambda_conversion(bench, x64):
