@@ -169,6 +169,9 @@ def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
         (["--samples-per-class", "0"], "--samples-per-class must be at least 1"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "mnist"),
         (["--lam-frac", "-1"], "--lam-frac must be"),
+        (["--max-params", "0"], "--max-params must be at least 1"),
+        (["--max-input-dim", "0"], "--max-input-dim must be at least 1"),
+        (["--kernel-size", "2"], "kernel size must be a positive odd number"),
     ],
 )
 def test_distill_bad_input(tmp_path, capsys, extra, message):
@@ -290,3 +293,77 @@ def test_head_student_with_polishing(teacher, data):
         distill(
             teacher, train.images, DistillConfig(cut="stage3", head_student=True), progress=False
         )
+
+
+def test_refit_output_undoes_second_layer_shrinkage():
+    from cvxdist.distill.pipeline import refit_output
+    from cvxdist.mapping import parameter_count as net_params
+    from cvxdist.mapping import predict
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 6)).astype(np.float32)
+    true = GatedNetwork(
+        gates=jnp.asarray(rng.standard_normal((6, 3)), jnp.float32),
+        neuron_gate=jnp.asarray([0, 1, 2, 2]),
+        w_in=jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+        w_out=jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
+        skip=jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
+        bias=jnp.asarray([0.5, -1.0], jnp.float32),
+    )
+    Y = np.asarray(predict(true, X))
+    shrunk = true._replace(w_out=0.3 * true.w_out, skip=0.3 * true.skip, bias=0.0 * true.bias)
+    refit, info = refit_output(shrunk, X, Y, ridge=1e-10)
+    assert info["train_rel_err_after"] < 1e-8 < info["train_rel_err_before"]
+    np.testing.assert_allclose(np.asarray(refit.w_out), np.asarray(true.w_out), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(refit.bias), np.asarray(true.bias), atol=1e-4)
+    assert net_params(refit) == net_params(shrunk)  # same size: only the values change
+
+
+def test_refit_flag_keeps_the_student_size(teacher, data, solved):
+    _, test = data
+    _, block, student = solved
+    refit_config = DistillConfig(cut="stage3", lam_frac=0.05, refit=True, **TINY)
+    refitted = solve_prepared(teacher, block, refit_config, (0.05,), progress=False)
+    assert refitted.report["params"] == student.report["params"]
+    info = refitted.report["refit"]
+    assert info["train_rel_err_after"] <= info["train_rel_err_before"]
+    metrics = evaluate_spliced(teacher, [refitted], "stage3", None, test.images, test.labels)
+    assert metrics["accuracy"] >= metrics["teacher_accuracy"] - 0.08
+
+
+def test_lam_path_selection_under_a_size_budget(teacher, data):
+    from cvxdist.data import holdout_split
+
+    train, _ = data
+    rest, held = holdout_split(train, 0.2, 0)
+    base = {**TINY, "cut": "stage3", "lam_path": (0.6, 0.3, 0.1), "reg": "nuclear"}
+    base.update(max_input_dim=12, max_output_dim=8, max_iters=500)
+    block = prepare_block(teacher, rest.images, "stage3", DistillConfig(**base), progress=False)
+    messages = []
+
+    def chosen(**extra):
+        config = DistillConfig(**base, **extra)
+        student = solve_prepared(
+            teacher,
+            block,
+            config,
+            config.lam_path,
+            holdout_images=held.images,
+            progress=False,
+            log=messages.append,
+        )
+        return student.report
+
+    free = chosen(agreement_tol=0.0)
+    sizes = sorted({p["params"] for p in free["path"]})
+    assert len(sizes) >= 2
+    budget = sizes[-2]
+    capped = chosen(agreement_tol=0.0, max_params=budget)
+    assert capped["params"] <= budget
+    fitting = [p for p in capped["path"] if p["params"] <= budget]
+    assert any(p["params"] == capped["params"] for p in fitting)
+    best = max(p["holdout_agreement"] for p in fitting)
+    assert max(p["holdout_agreement"] for p in fitting if p["params"] == capped["params"]) == best
+    tiny = chosen(max_params=1)  # nothing fits: the smallest student, and a message
+    assert tiny["params"] == sizes[0]
+    assert any("no student on the λ path fits 1" in m for m in messages)

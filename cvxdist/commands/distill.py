@@ -25,6 +25,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "held-out teacher agreement is kept (label-free selection)",
     )
     parser.add_argument("--agreement-tol", type=float, default=0.01)
+    parser.add_argument(
+        "--max-params",
+        type=int,
+        default=None,
+        help="with --lam-path: a size budget (gates and reductions included) for all the "
+        "replaced stages together; each stage selects within an equal share of what is left",
+    )
     parser.add_argument("--reg", choices=("coupled", "nuclear"), default="nuclear")
     parser.add_argument("--solver", choices=("fista", "admm", "auto"), default="auto")
     parser.add_argument("--tol", type=float, default=1e-3, help="relative duality gap")
@@ -33,6 +40,15 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=40_000, help="rows per stage problem")
     parser.add_argument("--input-variance", type=float, default=0.999)
     parser.add_argument("--output-variance", type=float, default=0.995)
+    parser.add_argument(
+        "--max-input-dim", type=int, default=128, help="cap on the reduced input dimension"
+    )
+    parser.add_argument(
+        "--max-output-dim", type=int, default=64, help="cap on the reduced output dimension"
+    )
+    parser.add_argument(
+        "--kernel-size", type=int, default=3, help="k of the student's k×k patch rows (odd)"
+    )
     parser.add_argument("--no-skip", action="store_true", help="no linear skip in the student")
     parser.add_argument(
         "--head-student",
@@ -41,6 +57,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--polish", action="store_true", help="refit the kept gates with group_elastic"
+    )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="least-squares refit of the output layer on the fixed hidden layer (same size)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

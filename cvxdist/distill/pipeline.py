@@ -53,6 +53,7 @@ class DistillConfig:
     lam_frac: float = 0.02
     lam_path: tuple[float, ...] | None = None  # label-free selection over these fractions
     agreement_tol: float = 0.01  # allowed drop of held-out agreement with the teacher
+    max_params: int | None = None  # λ path: size budget of all replaced stages together
     solver: str = "auto"
     tol: float = 1e-3
     max_iters: int = 3000
@@ -64,6 +65,8 @@ class DistillConfig:
     max_output_dim: int = 64
     skip: bool = True
     polish: bool = False  # refit the kept gates with group_elastic (see `polish`)
+    refit: bool = False  # least-squares refit of the output layer (see `refit_output`)
+    refit_ridge: float = 1e-4
     polish_alpha: float = 0.5
     polish_lam_frac: float = 1e-3
     head_student: bool = False  # one student on pooled features for cut..head
@@ -75,10 +78,15 @@ class DistillConfig:
             raise UserError(f"the number of gates must be at least 1, got {self.gates}")
         if not self.lam_frac >= 0:
             raise UserError(f"lam_frac must be >= 0, got {self.lam_frac}")
+        if self.max_params is not None and self.max_params < 1:
+            raise UserError(f"max_params must be positive, got {self.max_params}")
         if self.max_rows < 1:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UserError(f"kernel size must be a positive odd number, got {self.kernel_size}")
+        for name in ("max_input_dim", "max_output_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("input_variance", "output_variance"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -292,17 +300,58 @@ def _solution_report(solution: Any) -> dict[str, Any]:
     }
 
 
+def refit_output(
+    net: Any, rows: np.ndarray, targets: np.ndarray, ridge: float = 1e-4
+) -> tuple[Any, dict[str, Any]]:
+    """Least-squares refit of the output layer (``w_out``, skip, bias) on the fixed hidden layer.
+
+    The regularized solve picks the gates and the neurons' input weights but shrinks every
+    weight towards zero. With the hidden layer ``h = (a W_in) ⊙ masks`` fixed, the output
+    layer is a ridge regression of the targets on ``[h, a, 1]`` (``ridge`` relative to the
+    mean diagonal of the Gram matrix): no new parameter, no gate or neuron added, and the
+    shrinkage of the second layer is undone. Returns the new network and the training
+    relative squared errors before and after.
+    """
+    from cvxdist.mapping import predict
+
+    X = np.asarray(rows, np.float64)
+    T = np.asarray(targets, np.float64)
+    masks = (X @ np.asarray(net.gates, np.float64)) >= 0
+    hidden = (X @ np.asarray(net.w_in, np.float64)) * masks[:, np.asarray(net.neuron_gate)]
+    blocks = [hidden] + ([X] if net.skip is not None else []) + [np.ones((len(X), 1))]
+    F = np.concatenate(blocks, axis=1)
+    gram = F.T @ F
+    gram[np.diag_indices_from(gram)] += ridge * max(float(np.trace(gram)) / len(gram), 1e-30)
+    W = np.linalg.solve(gram, F.T @ T)
+    K, d = hidden.shape[1], X.shape[1]
+    dtype = np.asarray(net.w_out).dtype
+    refit = net._replace(
+        w_out=jnp.asarray(W[:K], dtype),
+        skip=None if net.skip is None else jnp.asarray(W[K : K + d], dtype),
+        bias=jnp.asarray(W[-1], dtype),
+    )
+    total = max(float(np.sum((T - T.mean(axis=0)) ** 2)), 1e-30)
+    before = float(np.sum((np.asarray(predict(net, rows), np.float64) - T) ** 2)) / total
+    after = float(np.sum((F @ W - T) ** 2)) / total
+    return refit, {"ridge": ridge, "train_rel_err_before": before, "train_rel_err_after": after}
+
+
 def build_student(
     solution: Any,
     gates: np.ndarray,
     reduction: Reduction,
     row_info: dict[str, Any],
     stage: str,
+    refit: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> BlockStudent:
-    """The deployable student of one solution."""
+    """The deployable student of one solution (``refit``: rows, targets, ridge of
+    :func:`refit_output`, applied to the mapped network)."""
     from cvxdist.mapping import to_network
 
     net = to_network(solution, gates)
+    refit_info = None
+    if refit is not None and net.num_neurons > 0:
+        net, refit_info = refit_output(net, *refit)
     in_shape, out_shape = row_info["input_shape"], row_info["output_shape"]
     module, variables = student_from_network(
         net,
@@ -322,6 +371,8 @@ def build_student(
         "input_variance_kept": reduction.in_kept,
         "output_variance_kept": reduction.out_kept,
     }
+    if refit_info is not None:
+        report["refit"] = refit_info
     return BlockStudent(stage, module, variables, report)
 
 
@@ -339,7 +390,9 @@ def distill(
 
     With ``config.lam_path`` and ``holdout_images``, each stage is solved along the λ path
     and the smallest student whose held-out agreement with the teacher is within
-    ``agreement_tol`` of the best one is kept (label-free model selection).
+    ``agreement_tol`` of the best one is kept (label-free model selection). With
+    ``config.max_params`` (a budget for all the stages together), each stage competes only
+    among students within an equal share of the budget the stages before it left.
 
     With ``cache_dir``, every finished stage is saved there under a key of the teacher
     checkpoint, the images, the settings and the stages before it; a rerun after an
@@ -355,7 +408,7 @@ def distill(
             raise UserError(f"a head student replaces {config.cut}..head; use --to head")
         stages = [f"{config.cut}..head"]  # one pooled-feature student for the whole range
     key = _cache_seed(teacher, train_images, holdout_images, config)
-    for stage in stages:
+    for index, stage in enumerate(stages):
         key = hashlib.sha256(f"{key}/{stage}".encode()).hexdigest()[:24]
         cached = _load_stage(cache_dir, key)
         if cached is not None:
@@ -364,8 +417,13 @@ def distill(
             continue
         block = prepare_block(teacher, train_images, stage, config, students, progress)
         fracs = config.lam_path if config.lam_path else (config.lam_frac,)
+        stage_config = config
+        if config.max_params is not None:  # an equal share of what the stages before left
+            left = config.max_params - sum(s.report["params"] for s in students)
+            share = max(1, left // (len(stages) - index))
+            stage_config = dataclasses.replace(config, max_params=share)
         student = solve_prepared(
-            teacher, block, config, fracs, students, holdout_images, progress, log
+            teacher, block, stage_config, fracs, students, holdout_images, progress, log
         )
         _save_stage(cache_dir, key, student)
         students.append(student)
@@ -456,8 +514,10 @@ def solve_prepared(
     gates, solutions, solve_info = solve_block(
         block.rows, block.targets, config, lam_fracs, progress
     )
+    refit = (block.rows, block.targets, config.refit_ridge) if config.refit else None
     candidates = [
-        build_student(s, gates, block.reduction, block.row_info, block.stage) for s in solutions
+        build_student(s, gates, block.reduction, block.row_info, block.stage, refit)
+        for s in solutions
     ]
     path_report: list[dict[str, Any]] = []
     pick = 0
@@ -469,7 +529,7 @@ def solve_prepared(
     if config.polish:
         polished, polish_info = polish(block, gates, solutions[pick], config)
         chosen = build_student(
-            polished, polish_info.pop("gates"), block.reduction, block.row_info, block.stage
+            polished, polish_info.pop("gates"), block.reduction, block.row_info, block.stage, refit
         )
         chosen.report["polish"] = polish_info
     chosen.report.update(row_info=block.row_info, **solve_info, path=path_report)
@@ -488,7 +548,11 @@ def _select(
     holdout_images: np.ndarray | None,
     log: Callable[[str], None],
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Index of the smallest candidate within ``agreement_tol`` of the best held-out agreement."""
+    """Index of the smallest candidate within ``agreement_tol`` of the best held-out agreement.
+
+    With ``config.max_params``, only candidates of at most that size compete (the smallest
+    candidate if none fits).
+    """
     if holdout_images is None or len(holdout_images) == 0:
         raise UserError("a λ path needs held-out training images for model selection")
     teacher_pred = teacher.predict(holdout_images).argmax(-1)
@@ -498,9 +562,16 @@ def _select(
         last = stage.split("..")[-1]
         spliced = spliced_predict(teacher, config.cut, last, [*done, candidate])
         agreements.append(float(np.mean(spliced(holdout_images).argmax(-1) == teacher_pred)))
-    best = max(agreements)
-    ok = [i for i, a in enumerate(agreements) if a >= best - config.agreement_tol]
-    pick = min(ok, key=lambda i: candidates[i].report["params"])
+    sizes = [c.report["params"] for c in candidates]
+    eligible = list(range(len(candidates)))
+    if config.max_params is not None:
+        fits = [i for i in eligible if sizes[i] <= config.max_params]
+        if not fits:
+            log(f"{stage}: no student on the λ path fits {config.max_params} parameters")
+        eligible = fits or [min(eligible, key=lambda i: sizes[i])]
+    best = max(agreements[i] for i in eligible)
+    ok = [i for i in eligible if agreements[i] >= best - config.agreement_tol]
+    pick = min(ok, key=lambda i: sizes[i])
     report = [
         {"lam": c.report["lam"], "params": c.report["params"], "holdout_agreement": a}
         for c, a in zip(candidates, agreements)

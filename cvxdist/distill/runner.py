@@ -70,6 +70,10 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         _check_positive("--lam-path", value, strict=False)
     if args.gates < 1:
         raise UserError(f"--gates must be at least 1, got {args.gates}")
+    for flag in ("max_params", "max_input_dim", "max_output_dim"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     return DistillConfig(
         cut=cut,
         to=args.to,
@@ -78,15 +82,20 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         lam_frac=0.02 if args.lam_frac is None else args.lam_frac,
         lam_path=tuple(args.lam_path) if args.lam_path else None,
         agreement_tol=args.agreement_tol,
+        max_params=args.max_params,
         solver=args.solver,
         tol=args.tol,
         max_iters=args.max_iters,
         max_rows=args.max_rows,
         input_variance=args.input_variance,
         output_variance=args.output_variance,
+        max_input_dim=args.max_input_dim,
+        max_output_dim=args.max_output_dim,
+        kernel_size=args.kernel_size,
         skip=not args.no_skip,
         head_student=args.head_student,
         polish=args.polish,
+        refit=args.refit,
         seed=args.seed,
     )
 
