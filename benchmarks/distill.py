@@ -1128,6 +1128,7 @@ def _targets(summary: dict[str, Any], teacher_acc: float, teacher: dict[str, Any
                 }
             )
         ten = [r for r in rows if r["compression"] >= 9.5]
+    if len(stages) > 1 and rows:  # only when E1 ran on the last two stages
         targets["E1_last_two_stages_10x"] = {
             "rows": rows,
             "best_at_10x": max(ten, key=lambda r: r["accuracy"]) if ten else None,
