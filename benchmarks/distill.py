@@ -836,8 +836,12 @@ def run(
     grid: Grid | None = None,
     log: Callable[[str], None] | None = None,
     keep_going: bool = True,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the grid; writes records, ``distill.json``, ``REPORT.md`` and plots.
+
+    ``report_only`` computes nothing: the report covers the points already recorded (while a
+    grid is still running, or after an interruption) and counts the others as ``missing``.
 
     ``repeats`` sets the number of seeds (``0..repeats-1``). Returns the payload, whose
     ``computed`` / ``reused`` count the points run now and the points read from records. With
@@ -863,12 +867,15 @@ def run(
     started = time.perf_counter()
     ctx = Context(grid, log)
     todo = points(grid, experiments, ctx.stages)
-    records, computed, reused = [], 0, 0
+    records, computed, reused, missing = [], 0, 0, 0
     failed: list[dict[str, Any]] = []
     for index, point in enumerate(todo, 1):
         key = record_key(point["experiment"], ctx.teacher.checkpoint_sha256, point["settings"])
         path = records_dir / f"{key}.json"
         record = _load_record(path)
+        if record is None and report_only:
+            missing += 1
+            continue
         if record is None:
             s = point["settings"]
             size = s.get("size", {}).get("name", "") if isinstance(s.get("size"), dict) else ""
@@ -922,6 +929,7 @@ def run(
         "load_average_at_end": load_average(),
         "computed": computed,
         "reused": reused,
+        "missing": missing,
         "failed": failed,
         "wall_time_s": time.perf_counter() - started,
         "records": records,
@@ -1499,7 +1507,13 @@ def markdown_report(payload: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{payload.get('load_average_at_end')}: the machine was shared, so wall times are "
         f"pessimistic. Harness wall time {payload['wall_time_s']:.0f} s "
         f"({payload['computed']} points computed, {payload['reused']} reused, "
-        f"{len(payload.get('failed', []))} failed).",
+        f"{len(payload.get('failed', []))} failed"
+        + (
+            f", {payload['missing']} not yet computed: this report is partial"
+            if payload.get("missing")
+            else ""
+        )
+        + ").",
         "",
     ]
     return "\n".join(lines)

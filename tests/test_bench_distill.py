@@ -106,6 +106,22 @@ def test_rerun_recomputes_nothing(first_run, harness, monkeypatch):
     assert after == before
 
 
+def test_report_only_covers_recorded_points_and_counts_the_rest(first_run, harness, monkeypatch):
+    out, grid, _ = first_run
+
+    def refuse(ctx, settings):
+        raise AssertionError("report_only computed a point")
+
+    monkeypatch.setattr(harness, "RUNNERS", dict.fromkeys(harness.RUNNERS, refuse))
+    two_seeds = dataclasses.replace(grid, seeds=(0, 1))
+    payload = harness.run(
+        out, grid=two_seeds, only=["E1", "E3", "E4"], log=lambda _: None, report_only=True
+    )
+    assert (payload["computed"], payload["reused"], payload["missing"]) == (0, 3, 3)
+    assert {r["settings"]["seed"] for r in payload["records"]} == {0}
+    assert "3 not yet computed: this report is partial" in (out / "REPORT.md").read_text()
+
+
 def test_a_half_written_record_is_recomputed_and_only_it(first_run, harness, monkeypatch):
     out, grid, _ = first_run
     e4 = next(

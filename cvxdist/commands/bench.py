@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 help="seconds pyscnn may run per problem before it is declared not to reach "
                 "the gap (default 5400, quick 120)",
             )
+        if name == "distill":
+            p.add_argument(
+                "--report-only",
+                action="store_true",
+                help="compute nothing: report the points already recorded in --out",
+            )
         p.set_defaults(func=run)
 
 
@@ -117,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if args.time_limit is not None and not args.time_limit > 0:
             raise UserError(f"--time-limit must be positive, got {args.time_limit}")
         options.update(scnn_backend=args.scnn_backend, time_limit_s=args.time_limit)
+    if getattr(args, "report_only", False):
+        options["report_only"] = True
     payload = module.run(args.out, **options)
     print(module.markdown_report(payload))
     print(f"wrote {args.out / (args.benchmark + '.json')}", file=sys.stderr)
