@@ -75,7 +75,6 @@ DISTILL: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
         ),
     ),
 }
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def planted_arrays(N: int, d: int, c: int, P: int, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -150,7 +149,9 @@ def _run_subprocess(argv: list[str], timeout_s: float, env: dict[str, str]) -> d
 
 
 def _fashion_dir(data_dir: Path | None) -> Path | None:
-    for folder in (data_dir, FASHION_DIR):
+    from cvxdist.data import FASHION_MNIST_DIR
+
+    for folder in (data_dir, FASHION_MNIST_DIR):
         if folder is not None and any(Path(folder).glob("train-images-idx3-ubyte*")):
             return Path(folder)
     return None

@@ -250,17 +250,18 @@ def train_teacher(
         params, batch_stats, _ = state
         variables = {"params": params, "batch_stats": batch_stats}
         test_acc = evaluate(apply, variables, test)
-        elapsed += time.perf_counter() - tic
-        cpu_elapsed += time.process_time() - cpu_tic
+        epoch_s, epoch_cpu_s = time.perf_counter() - tic, time.process_time() - cpu_tic
+        elapsed += epoch_s
+        cpu_elapsed += epoch_cpu_s
         record = {
             "epoch": epoch + 1,
             "train_loss": float(loss_sum) / steps_per_epoch,
             "train_accuracy": float(correct_sum) / max(seen, 1),
             "test_accuracy": test_acc,
-            "time_s": round(time.perf_counter() - tic, 2),
+            "time_s": round(epoch_s, 2),
             # CPU seconds of all this process's threads: on a shared machine, wall time
             # grows with other people's load; CPU time much less so.
-            "cpu_time_s": round(time.process_time() - cpu_tic, 2),
+            "cpu_time_s": round(epoch_cpu_s, 2),
         }
         history.append(record)
         if progress:
