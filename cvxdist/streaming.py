@@ -174,8 +174,8 @@ def cache_key(
     payload = {
         "version": CACHE_VERSION,
         "teacher_sha256": teacher.checkpoint_sha256,
-        "cut": teacher.cuts[start],
-        "to": teacher.cuts[stop],
+        "cut": teacher.segments[start],
+        "to": teacher.segments[stop],
         "images": images_fingerprint,
         "batch_size": batch_size,
         **settings,

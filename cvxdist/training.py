@@ -220,7 +220,7 @@ def train_teacher(
 
     pad = max(1, train.image_shape[0] // 8) if cfg.augment else 0
     step = _train_step(arch, cfg, steps_per_epoch, pad, cfg.augment and train.hflip_ok)
-    apply = segment_range_fn(arch, 0, len(model.cuts) - 1)
+    apply = segment_range_fn(arch, 0, len(model.segments) - 1)
     base_key = jax.random.key(cfg.seed)
     images, labels = train.images, train.labels
     meta: dict[str, Any] = {}

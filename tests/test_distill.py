@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -14,9 +15,16 @@ from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
 from cvxdist.distill import DistillConfig, distill, evaluate_spliced, spliced_predict
 from cvxdist.distill.io import load_students
-from cvxdist.distill.pipeline import BlockStudent, prepare_block, solve_prepared
+from cvxdist.distill.pipeline import (
+    BlockStudent,
+    _replaced_input_fn,
+    collect_rows,
+    prepare_block,
+    solve_prepared,
+)
 from cvxdist.distill.student import GatedStudent, Reduction, parameter_count, student_from_network
 from cvxdist.mapping import GatedNetwork, predict_convex
+from cvxdist.streaming import image_patches
 from cvxdist.teachers import load_teacher
 
 TINY = {"gates": 16, "max_rows": 1500, "reg": "coupled", "max_iters": 2000}
@@ -143,11 +151,54 @@ def test_two_consecutive_stages(teacher, data):
     assert metrics["accuracy"] > 0.8
 
 
+def test_one_student_per_block_each_solved_on_the_replaced_prefix(teacher, data):
+    train, test = data
+    config = DistillConfig(
+        cut="stage2.block2", to="stage3", lam_frac=0.05, per_block=True, identity=True, **TINY
+    )
+    students = distill(teacher, train.images, config, progress=False)
+    assert [s.stage for s in students] == ["stage2.block2", "stage3.block1", "stage3.block2"]
+    # the identity shortcut only where the block keeps its shape (stage3.block1 strides)
+    assert [s.module.identity for s in students] == [True, False, True]
+    # stage3.block1's rows are patches of what the stage2.block2 *student* outputs
+    images, v = train.images[:20], teacher.variables
+    every_location = dataclasses.replace(config, max_rows=10**6)
+    input_fn = _replaced_input_fn(teacher, config.cut, students[:1])
+    rows, _, info = collect_rows(teacher, images, "stage3.block1", input_fn, every_location, False)
+    via_student = students[0](teacher.cut_functions("stage2.block2").prefix(v, images))
+    via_teacher = teacher.cut_functions("stage3.block1").prefix(v, images)
+    stride = info["stride"]
+    assert len(rows) == len(images) * (-(-via_student.shape[1] // stride)) ** 2
+
+    def patch_sum(z):
+        return np.asarray(image_patches(z, 3, stride)).sum(axis=(0, 1, 2))
+
+    np.testing.assert_allclose(rows.sum(0), patch_sum(via_student), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(rows.sum(0), patch_sum(via_teacher), rtol=1e-2)
+    # with the shortcut, the targets are what the teacher's block adds to the student's input
+    input_fn = _replaced_input_fn(teacher, config.cut, students[:2])
+    _, targets, info = collect_rows(teacher, images, "stage3.block2", input_fn, every_location)
+    assert info["identity"]
+    z = students[1](via_student)
+    fns = teacher.cut_functions("stage3.block2")
+    y = fns.block(v, fns.prefix(v, images))
+    np.testing.assert_allclose(
+        targets.sum(0), np.asarray(y - z).sum(axis=(0, 1, 2)), rtol=1e-4, atol=1e-3
+    )
+    metrics = evaluate_spliced(
+        teacher, students, "stage2.block2", "stage3", test.images, test.labels
+    )
+    assert metrics["teacher_block_params"] == teacher.block_params("stage2.block2", "stage3")
+    assert metrics["teacher_block_params"] < teacher.block_params("stage2", "stage3")
+    assert metrics["block_params"] == sum(s.report["params"] for s in students)
+    assert metrics["accuracy"] > 0.8
+
+
 def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["distill", "--teacher", "digits-cnn", "--cut", "stage3", "--gates", "12"]
     args += ["--samples-per-class", "10", "--max-rows", "800", "--reg", "coupled", "--quiet"]
-    args += ["--lam-path", "0.3", "0.1", "--out", str(out)]
+    args += ["--lam-path", "0.3", "0.1", "--per-block", "--identity", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     result = json.loads((out / "result.json").read_text())
@@ -155,7 +206,8 @@ def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
     assert result["accuracy"] == summary["accuracy"]
     assert len(result["stages"][0]["path"]) == 2  # label-free selection over the path
     students, info = load_students(out)
-    assert info["cut"] == "stage3" and len(students) == 1
+    assert info["cut"] == "stage3" and len(students) == 2  # --per-block: stage3.block1, 2
+    assert [s.module.identity for s in students] == [False, True]
     assert main(["evaluate", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(result["accuracy"])
@@ -165,6 +217,7 @@ def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
     ("extra", "message"),
     [
         (["--cut", "stage9"], "unknown cut 'stage9'"),
+        (["--cut", "stage3.block7"], "unknown cut 'stage3.block7'"),
         (["--gates", "0"], "--gates must be at least 1"),
         (["--samples-per-class", "0"], "--samples-per-class must be at least 1"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "mnist"),

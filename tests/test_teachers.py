@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from functools import partial
 
@@ -48,7 +49,10 @@ def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, wi
     cuts = teacher.cuts
     assert cuts[0] == "stem" and cuts[-1] == "head"
     assert len(cuts) == (6 if model == "resnet18" else 5)
-    pairs = [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+    segments = teacher.segments  # the finest cuts: every block (stage names are their spans)
+    assert len(segments) == {"small_cnn": 7, "resnet20": 11, "resnet18": 10}[model]
+    pairs = [(a, b) for i, a in enumerate(segments) for b in segments[i:]]
+    pairs += [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
 
     @jax.jit  # all pairs in one compilation (the plain functions are what gets jitted)
     def compose_all(v, x):
@@ -94,10 +98,40 @@ def test_batchnorm_runs_in_inference_mode():
     np.testing.assert_allclose(full, one_by_one, rtol=1e-5, atol=1e-6)
 
 
+def test_a_stage_is_the_span_of_its_blocks():
+    teacher = _tiny("resnet20", 0.25, (8, 8, 1))
+    assert teacher.resolve("stage2") == teacher.resolve("stage2.block1", "stage2.block3")
+    assert teacher.resolve("stage1.block2", "stage2") == (2, 6)
+    assert teacher.valid_cuts[:4] == ("stem", "stage1", "stage1.block1", "stage1.block2")
+    v = teacher.variables
+    assert teacher.block_params("stage2") == sum(
+        teacher.block_params(f"stage2.block{i}") for i in (1, 2, 3)
+    )
+    # a block's variables are the stage's layer of that index, in the same nesting
+    picked = teacher.block_variables("stage2.block2")
+    assert set(picked) == {"params", "batch_stats"}
+    assert list(picked["params"]) == ["stage2"]
+    assert list(picked["params"]["stage2"]) == ["BasicBlock_1"]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        picked["params"]["stage2"]["BasicBlock_1"],
+        v["params"]["stage2"]["BasicBlock_1"],
+    )
+    # the first block strides: its output has the stage's resolution
+    x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 1))
+    z = teacher.cut_functions("stage2.block1").prefix(v, x)
+    out = teacher.cut_functions("stage2.block1").block(v, z)
+    assert z.shape[1:3] == (8, 8) and out.shape[1:3] == (4, 4)
+
+
 def test_unknown_cut_lists_the_valid_ones():
     teacher = _tiny("resnet20", 0.25, (8, 8, 1))
-    with pytest.raises(UnknownCutError, match="stem, stage1, stage2, stage3, head"):
+    with pytest.raises(
+        UnknownCutError, match=re.escape("stem, stage1, stage1.block1, stage1.block2")
+    ):
         teacher.cut_functions("stage4")
+    with pytest.raises(UnknownCutError, match=re.escape("stage3.block3, head")):
+        teacher.cut_functions("stage3.block4")
     with pytest.raises(UnknownCutError, match="valid cuts"):
         teacher.cut_functions("stage1", "layer9")
     with pytest.raises(UnknownCutError, match="comes before"):
@@ -121,6 +155,7 @@ def test_block_params_partition_the_model():
     total = count_params(teacher.variables["params"])
     per_segment = sum(teacher.block_params(cut) for cut in teacher.cuts)
     assert per_segment == total
+    assert sum(teacher.block_params(s) for s in teacher.segments) == total
     assert teacher.block_params("stage2", "stage3") == (
         teacher.block_params("stage2") + teacher.block_params("stage3")
     )

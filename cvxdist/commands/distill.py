@@ -12,8 +12,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cut", default=None, help="first stage to replace (default: last)")
-    parser.add_argument("--to", default=None, help="last stage to replace (default: --cut)")
+    parser.add_argument(
+        "--cut",
+        default=None,
+        help="first stage (stage3) or block (stage3.block2) to replace (default: last stage)",
+    )
+    parser.add_argument(
+        "--to", default=None, help="last stage or block to replace (default: --cut)"
+    )
     parser.add_argument("--gates", type=int, default=128, help="gates sampled per stage")
     parser.add_argument("--lam-frac", type=float, default=None, help="λ as a fraction of λ_max")
     parser.add_argument(
@@ -50,6 +56,16 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel-size", type=int, default=3, help="k of the student's k×k patch rows (odd)"
     )
     parser.add_argument("--no-skip", action="store_true", help="no linear skip in the student")
+    parser.add_argument(
+        "--per-block",
+        action="store_true",
+        help="one student per residual block (solved in order) instead of one per stage",
+    )
+    parser.add_argument(
+        "--identity",
+        action="store_true",
+        help="students of blocks that keep their shape add their input back (fit y - z)",
+    )
     parser.add_argument(
         "--head-student",
         action="store_true",

@@ -1,6 +1,8 @@
 """Convex block distillation end to end: rows, reduction, gates, solve, student, splice.
 
-For each teacher stage ``b`` of the block ``cut..to`` (in order):
+The block ``cut..to`` is split into *units*, one student each: the teacher's stages (a
+partly covered stage is one unit), or with ``per_block`` every residual block. For each
+unit ``b`` (in order):
 
 1. stream the training images; the block input is computed through the *already replaced*
    prefix (teacher stages before ``cut`` then the students solved so far), the target is the
@@ -70,6 +72,8 @@ class DistillConfig:
     polish_alpha: float = 0.5
     polish_lam_frac: float = 1e-3
     head_student: bool = False  # one student on pooled features for cut..head
+    per_block: bool = False  # one student per residual block instead of per stage
+    identity: bool = False  # identity shortcut where the block keeps its shape (fits y - z)
     seed: int = 0
     batch_size: int = 256
 
@@ -106,10 +110,29 @@ class BlockStudent:
         return self.module.apply(self.variables, z)
 
 
-def stages_of(teacher: Teacher, cut: str, to: str | None) -> list[str]:
-    """The teacher stages ``cut..to`` (validates the names, listing the valid ones)."""
+def stages_of(teacher: Teacher, cut: str, to: str | None, per_block: bool = False) -> list[str]:
+    """The units of the block ``cut..to``, one student each (validates the names, listing
+    the valid ones): every segment with ``per_block``, else one unit per stage touched, a
+    partly covered stage written ``first..last`` (``stage3.block2..stage3.block3``)."""
     start, stop = teacher.resolve(cut, to)
-    return list(teacher.cuts[start : stop + 1])
+    segments = teacher.segments[start : stop + 1]
+    if per_block:
+        return list(segments)
+    groups: list[list[str]] = []
+    for segment in segments:
+        stage = segment.partition(".block")[0]
+        if groups and groups[-1][0].partition(".block")[0] == stage:
+            groups[-1].append(segment)
+        else:
+            groups.append([segment])
+    units = []
+    for group in groups:
+        stage = group[0].partition(".block")[0]
+        whole = teacher.resolve(stage) == teacher.resolve(group[0], group[-1])
+        units.append(
+            stage if whole else group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
+        )
+    return units
 
 
 def chain(students: Sequence[BlockStudent]) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
@@ -173,12 +196,15 @@ def collect_rows(
         stride = infer_stride(tuple(probe_z.shape[1:3]), tuple(probe_y.shape[1:3]))
         locations = probe_y.shape[1] * probe_y.shape[2]
     per_image = max(1, min(locations, -(-config.max_rows // max(len(images), 1))))
-    info.update(kernel_size=k, stride=stride, locations_per_image=per_image)
+    identity = config.identity and not head and probe_z.shape == probe_y.shape
+    info.update(kernel_size=k, stride=stride, locations_per_image=per_image, identity=identity)
 
     def rows_fn(variables: Any, x: jnp.ndarray, pick: jnp.ndarray) -> tuple:
         z, y = io(variables, x)
         if head:
             return z.mean(axis=(1, 2)) if z.ndim == 4 else z, y
+        if identity:  # the student adds its own input back: fit what the block adds to it
+            y = y - z
         patches = image_patches(z, k, stride)
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         y = y.reshape(y.shape[0], -1, y.shape[-1])
@@ -360,6 +386,7 @@ def build_student(
         out_channels=int(out_shape[-1]),
         kernel_size=int(row_info["kernel_size"]),
         stride=int(row_info["stride"]),
+        identity=bool(row_info.get("identity", False)),
     )
     report = {
         **_solution_report(solution),
@@ -398,7 +425,7 @@ def distill(
     checkpoint, the images, the settings and the stages before it; a rerun after an
     interruption loads the finished stages instead of solving them again.
     """
-    stages = stages_of(teacher, config.cut, config.to)
+    stages = stages_of(teacher, config.cut, config.to, config.per_block)
     if len(train_images) == 0:
         raise UserError("no training images: the subset is empty")
     log = log or (lambda _: None)
@@ -668,8 +695,8 @@ def evaluate_spliced(
     latency_batch: int = 256,
 ) -> dict[str, Any]:
     """Accuracy, teacher agreement, block-output error, size, FLOPs and CPU latency."""
-    stages = stages_of(teacher, cut, to)
-    last = stages[-1]
+    teacher.resolve(cut, to)  # validates the names
+    last = cut if to is None else to
     fns = teacher.cut_functions(cut, last)
     teacher_logits = teacher.predict(images)
     spliced = spliced_predict(teacher, cut, last, students)

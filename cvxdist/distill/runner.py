@@ -94,6 +94,8 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         kernel_size=args.kernel_size,
         skip=not args.no_skip,
         head_student=args.head_student,
+        per_block=args.per_block,
+        identity=args.identity,
         polish=args.polish,
         refit=args.refit,
         seed=args.seed,
@@ -121,8 +123,9 @@ def run_distill(args: argparse.Namespace) -> int:
         raise UserError(f"--samples-per-class must be at least 1, got {args.samples_per_class}")
     teacher, train, test = load_teacher_and_data(args.teacher, args.dataset, args.data_dir)
     cut = args.cut or _default_cut(teacher)
-    stages = stages_of(teacher, cut, args.to)  # validates the cut names
     config = _config_from_args(args, cut)
+    stages_of(teacher, cut, args.to)  # validates the cut names
+    last = args.to or cut
     subset = _subset(train, args.samples_per_class, args.seed)
     holdout = None
     if config.lam_path:
@@ -144,7 +147,7 @@ def run_distill(args: argparse.Namespace) -> int:
         "teacher": teacher.name,
         "dataset": train.name,
         "cut": cut,
-        "to": stages[-1],
+        "to": last,
         "samples_per_class": args.samples_per_class,
         "train_images": len(subset),
         "config": {k: v for k, v in vars(config).items()},
@@ -153,7 +156,7 @@ def run_distill(args: argparse.Namespace) -> int:
         "stages": [{"stage": s.stage, **s.report} for s in students],
     }
     with staged_output(args.out) as tmp:
-        save_students(tmp, students, {"teacher": teacher.name, "cut": cut, "to": stages[-1]})
+        save_students(tmp, students, {"teacher": teacher.name, "cut": cut, "to": last})
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         _plot_distill(result, tmp / "plot.png")
     summary = {k: result[k] for k in ("accuracy", "teacher_accuracy", "agreement")}

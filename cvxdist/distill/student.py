@@ -7,7 +7,8 @@ stride ``s`` and a ``k×k`` receptive field::
                                                  the raw k·k·C_in patch when not reduced)
     h = (a W_in) ⊙ 1[a G ≥ 0][:, neuron_gate]   (K neurons, Q distinct fixed gates)
     o = h W_out + a V + b                        (c' reduced outputs)
-    y = o E + e                                  (E: back to C_out channels, if reduced)
+    y = o E + e [+ z]                            (E: back to C_out channels, if reduced;
+                                                 + z: the optional identity shortcut)
 
 Every matrix acts per location, so ``G``, ``W_in``, ``V`` are 1×1 convolutions on ``a`` and
 ``W_out``, ``E`` are 1×1 convolutions: the paper's ``conv1x1(conv_k(z) ⊙ 1[gate_conv_k(z) ≥ 0])``
@@ -41,7 +42,9 @@ class GatedStudent(nn.Module):
     Attributes (static): ``in_channels``, ``out_channels``, ``kernel_size`` and ``stride``
     (``kernel_size = 0`` means a head student on pooled features), ``reduced_in`` (``d'``;
     ``None``: raw patch features), ``reduced_out`` (``c'``; ``None``: no output expansion),
-    ``neuron_gate`` (gate index of each neuron), ``num_gates``, ``skip``.
+    ``neuron_gate`` (gate index of each neuron), ``num_gates``, ``skip``, ``identity`` (add
+    the block input to the output: a parameter-free shortcut for stride-1 blocks that keep
+    their channels; the convex model then fits the residual ``y - z``).
     """
 
     in_channels: int
@@ -53,6 +56,7 @@ class GatedStudent(nn.Module):
     neuron_gate: tuple[int, ...]
     num_gates: int
     skip: bool
+    identity: bool = False
 
     @property
     def features(self) -> int:
@@ -80,6 +84,8 @@ class GatedStudent(nn.Module):
         if self.reduced_out is not None:
             expand = self.param("expand", _zeros((c, self.out_channels)))
             out = out @ expand + self.param("expand_bias", _zeros((self.out_channels,)))
+        if self.identity:
+            out = out + z
         return out
 
     def _features(self, z: jnp.ndarray) -> jnp.ndarray:
@@ -138,11 +144,15 @@ def student_from_network(
     out_channels: int,
     kernel_size: int,
     stride: int,
+    identity: bool = False,
 ) -> tuple[GatedStudent, dict[str, Any]]:
     """The Flax student and its ``params`` reproducing ``net`` on reduced rows.
 
-    ``kernel_size = 0`` builds a head student on pooled features.
+    ``kernel_size = 0`` builds a head student on pooled features; ``identity`` adds the
+    block input to the output (``net`` then fits the residual).
     """
+    if identity and (kernel_size == 0 or stride != 1 or in_channels != out_channels):
+        raise ValueError("an identity shortcut needs a stride-1 conv block that keeps channels")
     reduced_in = None if reduction.in_basis is None else reduction.in_basis.shape[1]
     reduced_out = None if reduction.out_basis is None else reduction.out_basis.shape[1]
     d = net.w_in.shape[0]
@@ -157,6 +167,7 @@ def student_from_network(
         neuron_gate=tuple(int(i) for i in np.asarray(net.neuron_gate)),
         num_gates=int(net.gates.shape[1]),
         skip=net.skip is not None,
+        identity=identity,
     )
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)  # noqa: E731
     params: dict[str, Any] = {

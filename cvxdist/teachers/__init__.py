@@ -2,7 +2,15 @@
 `cvxdist.teachers.teacher` for loading, prefix / block / suffix functions and splicing)."""
 
 from cvxdist.teachers.checkpoint import CheckpointError
-from cvxdist.teachers.models import MODEL_NAMES, ArchConfig, CutNetwork, build_model, cut_names
+from cvxdist.teachers.models import (
+    MODEL_NAMES,
+    ArchConfig,
+    CutNetwork,
+    build_model,
+    cut_names,
+    cut_spans,
+    segment_names,
+)
 from cvxdist.teachers.teacher import (
     CutFunctions,
     Teacher,
@@ -29,9 +37,11 @@ __all__ = [
     "build_model",
     "count_params",
     "cut_names",
+    "cut_spans",
     "init_variables",
     "load_teacher",
     "save_teacher",
+    "segment_names",
     "shipped_teachers",
     "teacher_dir",
     "untrained_teacher",

@@ -1,13 +1,20 @@
 """Flax (linen) teacher architectures with named cut points.
 
-Every model is a sequence of named *segments*, run in order::
+Every model is a sequence of named stages, run in order::
 
     stem -> stage1 -> stage2 -> stage3 [-> stage4] -> head
 
-Each segment's variables live under its own name in the variable tree (``params["stage2"]``,
-``batch_stats["stage2"]``), and ``model.apply(variables, x, start=A, stop=B)`` runs only the
-segments from ``A`` to ``B`` inclusive, which is what prefix / block / suffix functions are
-built from (see `cvxdist.teachers.Teacher`). Inputs are images ``(N, H, W, C)`` in ``[0, 1]``;
+and every stage is a sequence of residual blocks (or plain ConvBN layers for ``small_cnn``),
+so the finest cut points, the *segments*, are::
+
+    stem -> stage1.block1 -> ... -> stage1.blockK -> stage2.block1 -> ... -> head
+
+A cut name is a stage (``stage2``, the span ``stage2.block1..stage2.blockK``), a block
+(``stage2.block3``), ``stem`` or ``head``. Each stage's variables live under its own name in
+the variable tree (``params["stage2"]["BasicBlock_0"]`` is ``stage2.block1``), and
+``model.apply(variables, x, start=A, stop=B)`` runs only the segments from the first of ``A``
+to the last of ``B``, which is what prefix / block / suffix functions are built from (see
+`cvxdist.teachers.Teacher`). Inputs are images ``(N, H, W, C)`` in ``[0, 1]``;
 the stem standardizes them with the fixed per-channel ``mean``/``std`` of the config, so a
 teacher is self-contained. Any input size works: the head global-average-pools.
 
@@ -94,7 +101,11 @@ class BasicBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    """``depth`` basic blocks (``residual``) or plain ConvBN layers; the first one strides."""
+    """``depth`` basic blocks (``residual``) or plain ConvBN layers; the first one strides.
+
+    ``__call__(x, train, first, last)`` runs blocks ``first..last`` (0-based, inclusive;
+    all by default); ``x`` must be the input of block ``first``.
+    """
 
     features: int
     depth: int
@@ -102,10 +113,14 @@ class Stage(nn.Module):
     residual: bool = True
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, train: bool = False, first: int = 0, last: int | None = None
+    ) -> jnp.ndarray:
         layer = BasicBlock if self.residual else ConvBN
-        for i in range(self.depth):
-            x = layer(self.features, stride=self.stride if i == 0 else 1)(x, train)
+        last = self.depth - 1 if last is None else last
+        for i in range(first, last + 1):
+            stride = self.stride if i == 0 else 1
+            x = layer(self.features, stride=stride, name=f"{layer.__name__}_{i}")(x, train)
         return x
 
 
@@ -153,7 +168,13 @@ class CutNetwork(nn.Module):
 
     @property
     def cuts(self) -> tuple[str, ...]:
+        """Stage-level cut names (``stem``, ``stage1``, …, ``head``)."""
         return cut_names(self.config.model)
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The finest cut names, in order (``stem``, ``stage1.block1``, …, ``head``)."""
+        return segment_names(self.config.model)
 
     def _segment(self, name: str) -> nn.Module:
         cfg = self.config
@@ -174,11 +195,22 @@ class CutNetwork(nn.Module):
         stop: str | None = None,
         train: bool = False,
     ) -> jnp.ndarray:
-        names = self.cuts
-        first = 0 if start is None else names.index(start)
-        last = len(names) - 1 if stop is None else names.index(stop)
-        for name in names[first : last + 1]:
-            x = self._segment(name)(x, train)
+        spans = cut_spans(self.config.model)
+        segments = self.segments
+        first = 0 if start is None else spans[start][0]
+        last = len(segments) - 1 if stop is None else spans[stop][1]
+        # consecutive blocks of one stage run in one call of that stage's module
+        runs: list[tuple[str, int, int]] = []
+        for segment in segments[first : last + 1]:
+            stage, _, block = segment.partition(".block")
+            index = int(block) - 1 if block else 0
+            if runs and runs[-1][0] == stage:
+                runs[-1] = (stage, runs[-1][1], index)
+            else:
+                runs.append((stage, index, index))
+        for stage, lo, hi in runs:
+            module = self._segment(stage)
+            x = module(x, train, lo, hi) if isinstance(module, Stage) else module(x, train)
         return x
 
 
@@ -188,6 +220,41 @@ def cut_names(model: str) -> tuple[str, ...]:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
     stages = _SPECS[model][1]
     return ("stem", *(f"stage{i + 1}" for i in range(len(stages))), "head")
+
+
+def segment_names(model: str) -> tuple[str, ...]:
+    """The finest cut points of a model: ``stem``, every block of every stage, ``head``."""
+    cut_names(model)
+    blocks = (
+        f"stage{i + 1}.block{j + 1}"
+        for i, (_, depth, _) in enumerate(_SPECS[model][1])
+        for j in range(depth)
+    )
+    return ("stem", *blocks, "head")
+
+
+def cut_spans(model: str) -> dict[str, tuple[int, int]]:
+    """Every valid cut name (stage level and block level, in network order) mapped to the
+    inclusive range of `segment_names` indices it covers."""
+    segments = segment_names(model)
+    spans: dict[str, tuple[int, int]] = {}
+    for i, segment in enumerate(segments):
+        stage = segment.partition(".block")[0]
+        if stage != segment:
+            lo = spans.get(stage, (i, i))[0]
+            spans[stage] = (lo, i)
+        spans[segment] = (i, i)
+    return spans
+
+
+def variable_path(model: str, segment: str) -> tuple[str, ...]:
+    """Where a segment's variables live in each collection (``stage2.block1`` →
+    ``("stage2", "BasicBlock_0")``; a plain stage's layers are ``ConvBN_i``)."""
+    stage, _, block = segment.partition(".block")
+    if not block:
+        return (stage,)
+    layer = "BasicBlock" if _SPECS[model][2] == "residual" else "ConvBN"
+    return (stage, f"{layer}_{int(block) - 1}")
 
 
 def build_model(config: ArchConfig) -> CutNetwork:

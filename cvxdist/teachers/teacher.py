@@ -5,9 +5,11 @@ hyperparameters, checkpoint SHA-256) and ``teacher.msgpack`` (the Flax variables
 ``{"params", "batch_stats"}``). Shipped teachers live in ``cvxdist/assets/teachers/<name>/``.
 
 Cut semantics: a *block* is the run of segments from cut ``A`` to cut ``B`` inclusive
-(``B = A`` by default). ``prefix`` maps images to the block input (the identity when
-``A = "stem"``), ``block`` maps the block input to its output, and ``suffix`` maps the block
-output to logits (the identity when ``B = "head"``). All three are jitted pure functions
+(``B = A`` by default); a cut is a stage (``stage3``), one residual block of a stage
+(``stage3.block2``), ``stem`` or ``head``, and a stage stands for all of its blocks.
+``prefix`` maps images to the block input (the identity when ``A = "stem"``), ``block``
+maps the block input to its output, and ``suffix`` maps the block output to logits (the
+identity when ``B = "head"``). All three are jitted pure functions
 ``f(variables, array) -> array`` with BatchNorm in inference mode, and
 ``suffix(v, block(v, prefix(v, x))) == teacher(v, x)``.
 """
@@ -19,7 +21,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,14 @@ from cvxdist.teachers.checkpoint import (
     save_tree,
     tree_sha256,
 )
-from cvxdist.teachers.models import ArchConfig, CutNetwork, build_model, cut_names
+from cvxdist.teachers.models import (
+    ArchConfig,
+    CutNetwork,
+    build_model,
+    cut_spans,
+    segment_names,
+    variable_path,
+)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "teachers"
 CHECKPOINT_NAME = "teacher.msgpack"
@@ -82,10 +91,11 @@ def _jitted_init(config: ArchConfig) -> Callable:
 
 @functools.lru_cache(maxsize=256)
 def segment_range_fn(config: ArchConfig, first: int, last: int, jit: bool = True) -> ArrayFn:
-    """Pure ``f(variables, x)`` running segments ``first..last`` of a model (identity if
-    the range is empty); jitted functions are shared by every teacher of that architecture.
+    """Pure ``f(variables, x)`` running segments ``first..last`` (indices into
+    `segment_names`) of a model (identity if the range is empty); jitted functions are shared
+    by every teacher of that architecture.
     """
-    names = cut_names(config.model)
+    names = segment_names(config.model)
     model = build_model(config)
 
     def run(variables: Any, x: jnp.ndarray) -> jnp.ndarray:
@@ -130,8 +140,18 @@ class Teacher:
 
     @property
     def cuts(self) -> tuple[str, ...]:
-        """Valid cut names, in network order."""
+        """Stage-level cut names, in network order (``teacher.json``'s ``cuts``)."""
         return self.model.cuts
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The finest cut names (``stem``, ``stage1.block1``, …, ``head``), in order."""
+        return self.model.segments
+
+    @property
+    def valid_cuts(self) -> tuple[str, ...]:
+        """Every name `resolve` accepts: stages and their blocks, in network order."""
+        return tuple(cut_spans(self.config.model))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -142,18 +162,18 @@ class Teacher:
         return self.info["dataset"]
 
     def resolve(self, cut: str, to: str | None = None) -> tuple[int, int]:
-        """Indices ``(start, stop)`` of the block ``cut..to`` (inclusive); validates names."""
-        names = self.cuts
+        """Segment indices ``(start, stop)`` of the block ``cut..to`` (inclusive: from the
+        first segment of ``cut`` to the last of ``to``); validates the names."""
+        spans = cut_spans(self.config.model)
         for name in (cut, to):
-            if name is not None and name not in names:
+            if name is not None and name not in spans:
                 raise UnknownCutError(
-                    f"unknown cut {name!r} for {self.config.model}; valid cuts: " + ", ".join(names)
+                    f"unknown cut {name!r} for {self.config.model}; valid cuts: " + ", ".join(spans)
                 )
-        start = names.index(cut)
-        stop = start if to is None else names.index(to)
+        start, stop = spans[cut][0], spans[to if to is not None else cut][1]
         if stop < start:
             raise UnknownCutError(
-                f"cut {to!r} comes before {cut!r}; valid order: {', '.join(names)}"
+                f"cut {to!r} comes before {cut!r}; valid order: {', '.join(spans)}"
             )
         return start, stop
 
@@ -165,10 +185,10 @@ class Teacher:
         compose inside a caller's own ``jax.jit``.
         """
         start, stop = self.resolve(cut, to)
-        last = len(self.cuts) - 1
+        last = len(self.segments) - 1
         ranges = ((0, start - 1), (start, stop), (stop + 1, last))
         prefix, block, suffix = (self._range_fn(a, b, jit) for a, b in ranges)
-        return CutFunctions(self.cuts[start], self.cuts[stop], prefix, block, suffix)
+        return CutFunctions(self.segments[start], self.segments[stop], prefix, block, suffix)
 
     def _range_fn(self, first: int, last: int, jit: bool) -> ArrayFn:
         if first > last:
@@ -178,7 +198,7 @@ class Teacher:
     @property
     def apply(self) -> ArrayFn:
         """Jitted full forward ``f(variables, images) -> logits``."""
-        return self._range_fn(0, len(self.cuts) - 1, jit=True)
+        return self._range_fn(0, len(self.segments) - 1, jit=True)
 
     def splice(
         self, replacement: Callable[[jnp.ndarray], jnp.ndarray], cut: str, to: str | None = None
@@ -195,12 +215,21 @@ class Teacher:
         )
 
     def block_variables(self, cut: str, to: str | None = None) -> dict[str, Any]:
-        """The variables of block ``cut..to``: ``{collection: {segment: subtree}}``."""
+        """The variables of block ``cut..to``, nested as in `variables`
+        (``{collection: {stage: {layer: subtree}}}``)."""
         start, stop = self.resolve(cut, to)
-        names = self.cuts[start : stop + 1]
-        return {
-            col: {n: tree[n] for n in names if n in tree} for col, tree in self.variables.items()
-        }
+        paths = [variable_path(self.config.model, n) for n in self.segments[start : stop + 1]]
+        picked: dict[str, Any] = {}
+        for col, tree in self.variables.items():
+            for path in paths:
+                node = _subtree(tree, path)
+                if node is None:  # e.g. the head has no batch_stats
+                    continue
+                out = picked.setdefault(col, {})
+                for k in path[:-1]:
+                    out = out.setdefault(k, {})
+                out[path[-1]] = node
+        return picked
 
     def block_params(self, cut: str, to: str | None = None) -> int:
         """Trainable parameter count of block ``cut..to`` (BatchNorm scale/bias included)."""
@@ -213,6 +242,14 @@ class Teacher:
     def accuracy(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
         """Top-1 accuracy on ``(images, labels)``."""
         return float(np.mean(self.predict(images, batch_size).argmax(-1) == labels))
+
+
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def untrained_teacher(
