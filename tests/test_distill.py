@@ -51,21 +51,18 @@ def solved(teacher, data):
     return config, block, student
 
 
-def test_student_block_reproduces_the_convex_model(teacher, data, solved):
-    train, _ = data
-    config, block, student = solved
-    assert student.report["converged"] and student.report["rel_gap"] <= 1e-3
-    # Rows recomputed at *every* location must match the student's output there.
-    from cvxdist.streaming import image_patches
-
-    fns = teacher.cut_functions("stage3")
-    z = fns.prefix(teacher.variables, jnp.asarray(train.images[:8]))
-    patches = np.asarray(image_patches(z, 3, block.row_info["stride"]))
-    rows = block.reduction.rows(patches.reshape(-1, patches.shape[-1]))
+def _assert_reproduces_the_convex_model(teacher, images, config, block, student):
+    """Rows recomputed at *every* location must match the student's output there."""
     from cvxdist.gates import sample_gates
     from cvxdist.problems import make_problem
     from cvxdist.solvers import solve
+    from cvxdist.streaming import image_patches
 
+    assert student.report["converged"] and student.report["rel_gap"] <= 1e-3
+    fns = teacher.cut_functions("stage3")
+    z = fns.prefix(teacher.variables, jnp.asarray(images[:8]))
+    patches = np.asarray(image_patches(z, 3, block.row_info["stride"]))
+    rows = block.reduction.rows(patches.reshape(-1, patches.shape[-1]))
     gates = sample_gates(
         jax.random.key(config.seed), block.rows, config.gates, kind="data", noise=0.05
     )
@@ -78,6 +75,27 @@ def test_student_block_reproduces_the_convex_model(teacher, data, solved):
     # float32 convolution vs matmul: a mask may flip on a row at the gate boundary.
     close = np.all(np.abs(got - expected) <= 1e-3 * scale, axis=1)
     assert close.mean() >= 0.99
+
+
+def test_student_block_reproduces_the_convex_model(teacher, data, solved):
+    train, _ = data
+    config, block, student = solved
+    _assert_reproduces_the_convex_model(teacher, train.images, config, block, student)
+
+
+def test_channel_reduction_before_the_patches(teacher, data):
+    train, _ = data
+    config = DistillConfig(cut="stage3", lam_frac=0.05, channel_dim=4, max_input_dim=20, **TINY)
+    block = prepare_block(teacher, train.images, "stage3", config, progress=False)
+    student = solve_prepared(teacher, block, config, (config.lam_frac,), progress=False)
+    c_in = block.row_info["input_shape"][-1]
+    assert block.reduction.channel_basis.shape == (c_in, 4)
+    assert 0 < block.reduction.channel_kept < 1
+    params = student.variables["params"]
+    assert params["channels"].shape == (c_in, 4)
+    assert params["proj"].shape == (3, 3, 4, 20)  # k·k·r patch features, not k·k·C_in
+    assert student.module.features == 20 and student.report["channel_dim"] == 4
+    _assert_reproduces_the_convex_model(teacher, train.images, config, block, student)
 
 
 def test_spliced_accuracy_is_close_to_the_teacher(teacher, data, solved):
@@ -224,6 +242,7 @@ def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
         (["--lam-frac", "-1"], "--lam-frac must be"),
         (["--max-params", "0"], "--max-params must be at least 1"),
         (["--max-input-dim", "0"], "--max-input-dim must be at least 1"),
+        (["--channel-dim", "0"], "--channel-dim must be at least 1"),
         (["--kernel-size", "2"], "kernel size must be a positive odd number"),
     ],
 )

@@ -55,6 +55,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel-size", type=int, default=3, help="k of the student's k×k patch rows (odd)"
     )
+    parser.add_argument(
+        "--channel-dim",
+        type=int,
+        default=None,
+        help="reduce the block input's channels to this many (1×1 PCA) before the k×k patches",
+    )
     parser.add_argument("--no-skip", action="store_true", help="no linear skip in the student")
     parser.add_argument(
         "--per-block",

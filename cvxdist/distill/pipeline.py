@@ -63,6 +63,7 @@ class DistillConfig:
     max_rows: int = 40_000
     input_variance: float = 0.999
     max_input_dim: int = 128
+    channel_dim: int | None = None  # PCA of the block input's channels before the patches
     output_variance: float = 0.995
     max_output_dim: int = 64
     skip: bool = True
@@ -88,6 +89,8 @@ class DistillConfig:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UserError(f"kernel size must be a positive odd number, got {self.kernel_size}")
+        if self.channel_dim is not None and self.channel_dim < 1:
+            raise UserError(f"channel_dim must be at least 1, got {self.channel_dim}")
         for name in ("max_input_dim", "max_output_dim"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -241,9 +244,18 @@ def collect_rows(
 
 
 def fit_reduction(
-    rows: np.ndarray, targets: np.ndarray, config: DistillConfig, reduce_input: bool = True
+    rows: np.ndarray,
+    targets: np.ndarray,
+    config: DistillConfig,
+    reduce_input: bool = True,
+    patch: tuple[int, int] | None = None,
 ) -> Reduction:
-    """PCA bases keeping ``input_variance`` / ``output_variance`` (capped in dimension)."""
+    """PCA bases keeping ``input_variance`` / ``output_variance`` (capped in dimension).
+
+    With ``config.channel_dim`` and ``patch = (k, C_in)`` of conv rows, the channels are
+    reduced first: the PCA basis of the patches' centre pixels (``C_in -> channel_dim``) is
+    applied to every pixel, and the patch PCA is fitted on the result.
+    """
 
     def basis(data: np.ndarray, fraction: float, cap: int) -> tuple[np.ndarray, np.ndarray, float]:
         mean = data.mean(axis=0, dtype=np.float64)
@@ -259,6 +271,13 @@ def fit_reduction(
         dim = int(min(np.searchsorted(cumulative, fraction) + 1, cap, len(eigval)))
         return mean, eigvec[:, :dim], float(cumulative[dim - 1])
 
+    channel_basis, channel_kept = None, 1.0
+    if config.channel_dim is not None and patch is not None and patch[0] > 0:
+        k, channels = patch
+        if config.channel_dim < channels:
+            pixels = rows.reshape(len(rows), k * k, channels)
+            _, channel_basis, channel_kept = basis(pixels[:, (k * k) // 2], 1.0, config.channel_dim)
+            rows = (pixels @ channel_basis.astype(rows.dtype)).reshape(len(rows), -1)
     in_mean, in_basis, in_kept = basis(rows, config.input_variance, config.max_input_dim)
     out_mean, out_basis, out_kept = basis(targets, config.output_variance, config.max_output_dim)
     if not reduce_input or in_basis.shape[1] >= rows.shape[1]:
@@ -266,7 +285,9 @@ def fit_reduction(
         in_mean = np.zeros(rows.shape[1])
     if out_basis.shape[1] >= targets.shape[1]:
         out_basis, out_kept = None, 1.0
-    return Reduction(in_mean, in_basis, out_mean, out_basis, in_kept, out_kept)
+    return Reduction(
+        in_mean, in_basis, out_mean, out_basis, in_kept, out_kept, channel_basis, channel_kept
+    )
 
 
 def solve_block(
@@ -396,6 +417,8 @@ def build_student(
         "input_dim": module.features,
         "output_dim": module.outputs,
         "input_variance_kept": reduction.in_kept,
+        "channel_dim": module.reduced_channels,
+        "channel_variance_kept": reduction.channel_kept,
         "output_variance_kept": reduction.out_kept,
     }
     if refit_info is not None:
@@ -520,7 +543,8 @@ def prepare_block(
     """Rows of ``stage`` with inputs through the already ``replaced`` stages, reduced."""
     input_fn = _replaced_input_fn(teacher, config.cut, replaced)
     rows, targets, row_info = collect_rows(teacher, train_images, stage, input_fn, config, progress)
-    reduction = fit_reduction(rows, targets, config)
+    patch = (int(row_info["kernel_size"]), int(row_info["input_shape"][-1]))
+    reduction = fit_reduction(rows, targets, config, patch=patch)
     return PreparedBlock(
         stage, reduction.rows(rows), reduction.targets(targets), reduction, row_info
     )

@@ -70,7 +70,7 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         _check_positive("--lam-path", value, strict=False)
     if args.gates < 1:
         raise UserError(f"--gates must be at least 1, got {args.gates}")
-    for flag in ("max_params", "max_input_dim", "max_output_dim"):
+    for flag in ("max_params", "max_input_dim", "max_output_dim", "channel_dim"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -90,6 +90,7 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         input_variance=args.input_variance,
         output_variance=args.output_variance,
         max_input_dim=args.max_input_dim,
+        channel_dim=args.channel_dim,
         max_output_dim=args.max_output_dim,
         kernel_size=args.kernel_size,
         skip=not args.no_skip,

@@ -4,7 +4,8 @@ Conv-block student, for a teacher block ``z (B, H, W, C_in) -> y (B, H', W', C_o
 stride ``s`` and a ``k×k`` receptive field::
 
     a = conv_k,s(z; W_proj) + b_proj            (d' channels: the reduced patch features;
-                                                 the raw k·k·C_in patch when not reduced)
+                                                 the raw k·k·C_in patch when not reduced;
+                                                 z W_ch first when channels are reduced)
     h = (a W_in) ⊙ 1[a G ≥ 0][:, neuron_gate]   (K neurons, Q distinct fixed gates)
     o = h W_out + a V + b                        (c' reduced outputs)
     y = o E + e [+ z]                            (E: back to C_out channels, if reduced;
@@ -42,7 +43,9 @@ class GatedStudent(nn.Module):
     Attributes (static): ``in_channels``, ``out_channels``, ``kernel_size`` and ``stride``
     (``kernel_size = 0`` means a head student on pooled features), ``reduced_in`` (``d'``;
     ``None``: raw patch features), ``reduced_out`` (``c'``; ``None``: no output expansion),
-    ``neuron_gate`` (gate index of each neuron), ``num_gates``, ``skip``, ``identity`` (add
+    ``neuron_gate`` (gate index of each neuron), ``num_gates``, ``skip``,
+    ``reduced_channels`` (``r``: a 1×1 projection ``C_in -> r`` before the patches, which then
+    cost ``k·k·r`` instead of ``k·k·C_in`` per feature; ``None``: none), ``identity`` (add
     the block input to the output: a parameter-free shortcut for stride-1 blocks that keep
     their channels; the convex model then fits the residual ``y - z``).
     """
@@ -57,13 +60,14 @@ class GatedStudent(nn.Module):
     num_gates: int
     skip: bool
     identity: bool = False
+    reduced_channels: int | None = None
 
     @property
     def features(self) -> int:
         if self.reduced_in is not None:
             return self.reduced_in
         k = max(self.kernel_size, 1)
-        return k * k * self.in_channels
+        return k * k * (self.reduced_channels or self.in_channels)
 
     @property
     def outputs(self) -> int:
@@ -96,11 +100,15 @@ class GatedStudent(nn.Module):
             proj = self.param("proj", _zeros((self.in_channels, self.reduced_in)))
             return a @ proj + self.param("proj_bias", _zeros((self.reduced_in,)))
         k, s = self.kernel_size, self.stride
+        channels = self.in_channels
+        if self.reduced_channels is not None:  # no bias: SAME zero padding stays zero
+            z = z @ self.param("channels", _zeros((channels, self.reduced_channels)))
+            channels = self.reduced_channels
         if self.reduced_in is None:
             from cvxdist.streaming import image_patches
 
             return image_patches(z, k, s)
-        proj = self.param("proj", _zeros((k, k, self.in_channels, self.reduced_in)))
+        proj = self.param("proj", _zeros((k, k, channels, self.reduced_in)))
         a = jax.lax.conv_general_dilated(
             z,
             proj.astype(z.dtype),
@@ -117,7 +125,9 @@ class Reduction:
 
     ``rows_reduced = (rows - in_mean) @ in_basis`` (``in_basis (D, d')``, or ``None``: rows are
     only centered) and ``targets ≈ out_mean + targets_reduced @ out_basis.T`` (``out_basis
-    (C, c')`` or ``None``). ``*_kept`` are the fractions of variance kept.
+    (C, c')`` or ``None``). With ``channel_basis (C_in, r)``, every pixel of a patch row is
+    first projected on it (``rows (N, k·k·C_in) -> (N, k·k·r)``, no centering) and ``in_mean``,
+    ``in_basis`` live in that space. ``*_kept`` are the fractions of variance kept.
     """
 
     in_mean: np.ndarray
@@ -126,8 +136,13 @@ class Reduction:
     out_basis: np.ndarray | None
     in_kept: float = 1.0
     out_kept: float = 1.0
+    channel_basis: np.ndarray | None = None
+    channel_kept: float = 1.0
 
     def rows(self, raw: np.ndarray) -> np.ndarray:
+        if self.channel_basis is not None:
+            pixels = raw.reshape(len(raw), -1, self.channel_basis.shape[0])
+            raw = (pixels @ self.channel_basis).reshape(len(raw), -1)
         centered = raw - self.in_mean
         return centered if self.in_basis is None else centered @ self.in_basis
 
@@ -155,6 +170,10 @@ def student_from_network(
         raise ValueError("an identity shortcut needs a stride-1 conv block that keeps channels")
     reduced_in = None if reduction.in_basis is None else reduction.in_basis.shape[1]
     reduced_out = None if reduction.out_basis is None else reduction.out_basis.shape[1]
+    channel_basis = reduction.channel_basis
+    if channel_basis is not None and kernel_size == 0:
+        raise ValueError("channel reduction is for conv students (a head student's input PCA)")
+    reduced_channels = None if channel_basis is None else channel_basis.shape[1]
     d = net.w_in.shape[0]
     c = net.w_out.shape[1]
     module = GatedStudent(
@@ -168,6 +187,7 @@ def student_from_network(
         num_gates=int(net.gates.shape[1]),
         skip=net.skip is not None,
         identity=identity,
+        reduced_channels=reduced_channels,
     )
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)  # noqa: E731
     params: dict[str, Any] = {
@@ -178,6 +198,8 @@ def student_from_network(
     }
     if net.skip is not None:
         params["skip"] = f32(net.skip)
+    if channel_basis is not None:
+        params["channels"] = f32(channel_basis)
     # Centering folds into the projection bias: a = (patch - mean) @ B = patch @ B - mean @ B.
     if reduced_in is not None:
         basis = reduction.in_basis
@@ -185,7 +207,8 @@ def student_from_network(
         if kernel_size == 0:
             params["proj"] = f32(basis)
         else:
-            params["proj"] = f32(basis.reshape(kernel_size, kernel_size, in_channels, d))
+            patch_channels = reduced_channels or in_channels
+            params["proj"] = f32(basis.reshape(kernel_size, kernel_size, patch_channels, d))
     elif np.any(reduction.in_mean != 0):
         raise ValueError("rows without an input basis must not be centered (in_mean = 0)")
     if reduced_out is not None:
