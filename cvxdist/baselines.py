@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cvxdist.distill.student import Reduction, _zeros, parameter_count
+from cvxdist.distill.student import Reduction, _zeros, input_reduction_params, parameter_count
 
 
 class ReluStudent(nn.Module):
@@ -63,13 +63,14 @@ class ReluStudent(nn.Module):
     reduced_out: int | None
     hidden: int
     skip: bool
+    reduced_channels: int | None = None
 
     @property
     def features(self) -> int:
         if self.reduced_in is not None:
             return self.reduced_in
         k = max(self.kernel_size, 1)
-        return k * k * self.in_channels
+        return k * k * (self.reduced_channels or self.in_channels)
 
     @property
     def outputs(self) -> int:
@@ -350,6 +351,7 @@ def relu_student_variables(
     """Wrap trained head parameters with the shared reductions as a deployable block."""
     reduced_in = None if reduction.in_basis is None else reduction.in_basis.shape[1]
     reduced_out = None if reduction.out_basis is None else reduction.out_basis.shape[1]
+    channels = reduction.channel_basis
     module = ReluStudent(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -359,15 +361,10 @@ def relu_student_variables(
         reduced_out=reduced_out,
         hidden=int(params["w_in"].shape[1]),
         skip="skip" in params,
+        reduced_channels=None if channels is None else channels.shape[1],
     )
     variables = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    if reduced_in is not None:
-        basis = reduction.in_basis
-        variables["proj_bias"] = jnp.asarray(-reduction.in_mean @ basis, jnp.float32)
-        shape = (in_channels, reduced_in)
-        if kernel_size:
-            shape = (kernel_size, kernel_size, in_channels, reduced_in)
-        variables["proj"] = jnp.asarray(basis.reshape(shape), jnp.float32)
+    variables.update(input_reduction_params(reduction, in_channels, kernel_size))
     if reduced_out is not None:
         variables["expand"] = jnp.asarray(reduction.out_basis.T, jnp.float32)
         variables["expand_bias"] = jnp.asarray(reduction.out_mean, jnp.float32)
@@ -395,8 +392,12 @@ def relu_params_for(block: Any, hidden: int, skip: bool = True) -> int:
     shape = _shape_kwargs(block)
     k, red = shape["kernel_size"], block.reduction
     count = hidden * (d + 1 + c) + c + (d * c if skip else 0)
+    in_channels = shape["in_channels"]
+    if red.channel_basis is not None:
+        count += red.channel_basis.size
+        in_channels = red.channel_basis.shape[1]
     if red.in_basis is not None:
-        count += max(k, 1) ** 2 * shape["in_channels"] * d + d
+        count += max(k, 1) ** 2 * in_channels * d + d
     if red.out_basis is not None:
         count += c * shape["out_channels"] + shape["out_channels"]
     return count

@@ -67,6 +67,22 @@ def _module_rows_agree(teacher, block, student, head_predict, images):
     assert close.mean() >= 0.99
 
 
+def test_relu_student_shares_a_channel_reduction(teacher, data):
+    train, _ = data
+    config = DistillConfig(cut="stage3", channel_dim=4, **CONFIG)
+    block = prepare_block(teacher, train.images, "stage3", config, progress=False)
+    student = B.relu_block_student(block, 2000, B.AdamConfig(steps=50, batch_size=None))
+    assert student.module.reduced_channels == 4
+    assert parameter_count(student.variables) == B.relu_params_for(block, student.module.hidden)
+    p = student.variables["params"]
+    head = {k: p[k] for k in ("w_in", "b_in", "w_out", "skip", "bias")}
+
+    def predict(a):
+        return B._mlp(head, a)
+
+    _module_rows_agree(teacher, block, student, predict, train.images[:6])
+
+
 def test_relu_student_matches_the_budget_and_its_rows(teacher, data, solved):
     train, _ = data
     block, convex = solved

@@ -174,7 +174,6 @@ def student_from_network(
     if channel_basis is not None and kernel_size == 0:
         raise ValueError("channel reduction is for conv students (a head student's input PCA)")
     reduced_channels = None if channel_basis is None else channel_basis.shape[1]
-    d = net.w_in.shape[0]
     c = net.w_out.shape[1]
     module = GatedStudent(
         in_channels=in_channels,
@@ -198,25 +197,33 @@ def student_from_network(
     }
     if net.skip is not None:
         params["skip"] = f32(net.skip)
-    if channel_basis is not None:
-        params["channels"] = f32(channel_basis)
-    # Centering folds into the projection bias: a = (patch - mean) @ B = patch @ B - mean @ B.
-    if reduced_in is not None:
-        basis = reduction.in_basis
-        params["proj_bias"] = f32(-reduction.in_mean @ basis)
-        if kernel_size == 0:
-            params["proj"] = f32(basis)
-        else:
-            patch_channels = reduced_channels or in_channels
-            params["proj"] = f32(basis.reshape(kernel_size, kernel_size, patch_channels, d))
-    elif np.any(reduction.in_mean != 0):
-        raise ValueError("rows without an input basis must not be centered (in_mean = 0)")
+    params.update(input_reduction_params(reduction, in_channels, kernel_size))
     if reduced_out is not None:
         params["expand"] = f32(reduction.out_basis.T)
         params["expand_bias"] = f32(reduction.out_mean)
     elif np.any(reduction.out_mean != 0):
         params["bias"] = f32(np.asarray(params["bias"]) + reduction.out_mean)
     return module, {"params": params}
+
+
+def input_reduction_params(
+    reduction: Reduction, in_channels: int, kernel_size: int
+) -> dict[str, jnp.ndarray]:
+    """``channels``, ``proj``, ``proj_bias`` of a student's feature map (see `Reduction`)."""
+    params: dict[str, jnp.ndarray] = {}
+    if reduction.channel_basis is not None:
+        params["channels"] = jnp.asarray(reduction.channel_basis, jnp.float32)
+        in_channels = reduction.channel_basis.shape[1]
+    basis = reduction.in_basis
+    if basis is None:
+        if np.any(reduction.in_mean != 0):
+            raise ValueError("rows without an input basis must not be centered (in_mean = 0)")
+        return params
+    # Centering folds into the projection bias: a = (patch - mean) @ B = patch @ B - mean @ B.
+    params["proj_bias"] = jnp.asarray(-reduction.in_mean @ basis, jnp.float32)
+    shape = (kernel_size, kernel_size, in_channels, -1) if kernel_size else basis.shape
+    params["proj"] = jnp.asarray(basis.reshape(shape), jnp.float32)
+    return params
 
 
 def parameter_count(params: Any) -> int:
