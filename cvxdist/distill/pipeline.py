@@ -38,6 +38,7 @@ from cvxdist.distill.student import (
     Reduction,
     flops,
     parameter_count,
+    project_channels,
     student_from_network,
 )
 from cvxdist.teachers.teacher import Teacher, batched_apply
@@ -117,24 +118,18 @@ def stages_of(teacher: Teacher, cut: str, to: str | None, per_block: bool = Fals
     """The units of the block ``cut..to``, one student each (validates the names, listing
     the valid ones): every segment with ``per_block``, else one unit per stage touched, a
     partly covered stage written ``first..last`` (``stage3.block2..stage3.block3``)."""
+    from cvxdist.teachers.models import group_by_stage
+
     start, stop = teacher.resolve(cut, to)
     segments = teacher.segments[start : stop + 1]
     if per_block:
         return list(segments)
-    groups: list[list[str]] = []
-    for segment in segments:
-        stage = segment.partition(".block")[0]
-        if groups and groups[-1][0].partition(".block")[0] == stage:
-            groups[-1].append(segment)
-        else:
-            groups.append([segment])
     units = []
-    for group in groups:
-        stage = group[0].partition(".block")[0]
-        whole = teacher.resolve(stage) == teacher.resolve(group[0], group[-1])
-        units.append(
-            stage if whole else group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
-        )
+    for stage, run in group_by_stage(segments):
+        if teacher.resolve(stage) == teacher.resolve(run[0], run[-1]):
+            units.append(stage)
+        else:
+            units.append(run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}")
     return units
 
 
@@ -275,9 +270,9 @@ def fit_reduction(
     if config.channel_dim is not None and patch is not None and patch[0] > 0:
         k, channels = patch
         if config.channel_dim < channels:
-            pixels = rows.reshape(len(rows), k * k, channels)
-            _, channel_basis, channel_kept = basis(pixels[:, (k * k) // 2], 1.0, config.channel_dim)
-            rows = (pixels @ channel_basis.astype(rows.dtype)).reshape(len(rows), -1)
+            centre = rows.reshape(len(rows), k * k, channels)[:, (k * k) // 2]
+            _, channel_basis, channel_kept = basis(centre, 1.0, config.channel_dim)
+            rows = project_channels(rows, channel_basis.astype(rows.dtype))
     in_mean, in_basis, in_kept = basis(rows, config.input_variance, config.max_input_dim)
     out_mean, out_basis, out_kept = basis(targets, config.output_variance, config.max_output_dim)
     if not reduce_input or in_basis.shape[1] >= rows.shape[1]:
@@ -719,9 +714,8 @@ def evaluate_spliced(
     latency_batch: int = 256,
 ) -> dict[str, Any]:
     """Accuracy, teacher agreement, block-output error, size, FLOPs and CPU latency."""
-    teacher.resolve(cut, to)  # validates the names
     last = cut if to is None else to
-    fns = teacher.cut_functions(cut, last)
+    fns = teacher.cut_functions(cut, last)  # validates the names
     teacher_logits = teacher.predict(images)
     spliced = spliced_predict(teacher, cut, last, students)
     student_logits = spliced(images)

@@ -117,7 +117,7 @@ def _subset(train: Any, per_class: int | None, seed: int) -> Any:
 def run_distill(args: argparse.Namespace) -> int:
     from cvxdist.data import holdout_split
     from cvxdist.distill.io import check_output_dir, save_students, staged_output
-    from cvxdist.distill.pipeline import distill, evaluate_spliced, stages_of
+    from cvxdist.distill.pipeline import distill, evaluate_spliced
 
     check_output_dir(args.out)
     if args.samples_per_class is not None and args.samples_per_class < 1:
@@ -125,7 +125,7 @@ def run_distill(args: argparse.Namespace) -> int:
     teacher, train, test = load_teacher_and_data(args.teacher, args.dataset, args.data_dir)
     cut = args.cut or _default_cut(teacher)
     config = _config_from_args(args, cut)
-    stages_of(teacher, cut, args.to)  # validates the cut names
+    teacher.resolve(cut, args.to)  # validates the cut names before any work
     last = args.to or cut
     subset = _subset(train, args.samples_per_class, args.seed)
     holdout = None

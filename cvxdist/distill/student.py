@@ -141,14 +141,19 @@ class Reduction:
 
     def rows(self, raw: np.ndarray) -> np.ndarray:
         if self.channel_basis is not None:
-            pixels = raw.reshape(len(raw), -1, self.channel_basis.shape[0])
-            raw = (pixels @ self.channel_basis).reshape(len(raw), -1)
+            raw = project_channels(raw, self.channel_basis)
         centered = raw - self.in_mean
         return centered if self.in_basis is None else centered @ self.in_basis
 
     def targets(self, raw: np.ndarray) -> np.ndarray:
         centered = raw - self.out_mean
         return centered if self.out_basis is None else centered @ self.out_basis
+
+
+def project_channels(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Patch rows ``(N, k·k·C)`` with every pixel projected on ``basis (C, r)``: ``(N, k·k·r)``."""
+    pixels = rows.reshape(len(rows), -1, basis.shape[0])
+    return (pixels @ basis).reshape(len(rows), -1)
 
 
 def student_from_network(

@@ -25,6 +25,8 @@ convolution of ``stage2`` onward (and in the shortcut, a 1×1 projection with Ba
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,17 +202,12 @@ class CutNetwork(nn.Module):
         first = 0 if start is None else spans[start][0]
         last = len(segments) - 1 if stop is None else spans[stop][1]
         # consecutive blocks of one stage run in one call of that stage's module
-        runs: list[tuple[str, int, int]] = []
-        for segment in segments[first : last + 1]:
-            stage, _, block = segment.partition(".block")
-            index = int(block) - 1 if block else 0
-            if runs and runs[-1][0] == stage:
-                runs[-1] = (stage, runs[-1][1], index)
-            else:
-                runs.append((stage, index, index))
-        for stage, lo, hi in runs:
+        for stage, run in group_by_stage(segments[first : last + 1]):
             module = self._segment(stage)
-            x = module(x, train, lo, hi) if isinstance(module, Stage) else module(x, train)
+            if isinstance(module, Stage):
+                x = module(x, train, split_segment(run[0])[1], split_segment(run[-1])[1])
+            else:
+                x = module(x, train)
         return x
 
 
@@ -222,6 +219,19 @@ def cut_names(model: str) -> tuple[str, ...]:
     return ("stem", *(f"stage{i + 1}" for i in range(len(stages))), "head")
 
 
+def split_segment(segment: str) -> tuple[str, int]:
+    """``stage2.block3`` → ``("stage2", 2)`` (0-based block); ``stem`` → ``("stem", 0)``."""
+    stage, _, block = segment.partition(".block")
+    return stage, int(block) - 1 if block else 0
+
+
+def group_by_stage(segments: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Consecutive segments grouped by their stage: ``[(stage, [segment, ...]), ...]``."""
+    grouped = itertools.groupby(segments, key=lambda segment: split_segment(segment)[0])
+    return [(stage, list(run)) for stage, run in grouped]
+
+
+@functools.cache
 def segment_names(model: str) -> tuple[str, ...]:
     """The finest cut points of a model: ``stem``, every block of every stage, ``head``."""
     cut_names(model)
@@ -233,16 +243,15 @@ def segment_names(model: str) -> tuple[str, ...]:
     return ("stem", *blocks, "head")
 
 
+@functools.cache
 def cut_spans(model: str) -> dict[str, tuple[int, int]]:
     """Every valid cut name (stage level and block level, in network order) mapped to the
-    inclusive range of `segment_names` indices it covers."""
-    segments = segment_names(model)
+    inclusive range of `segment_names` indices it covers (cached: do not modify)."""
     spans: dict[str, tuple[int, int]] = {}
-    for i, segment in enumerate(segments):
-        stage = segment.partition(".block")[0]
+    for i, segment in enumerate(segment_names(model)):
+        stage = split_segment(segment)[0]
         if stage != segment:
-            lo = spans.get(stage, (i, i))[0]
-            spans[stage] = (lo, i)
+            spans[stage] = (spans.get(stage, (i, i))[0], i)
         spans[segment] = (i, i)
     return spans
 
@@ -250,11 +259,11 @@ def cut_spans(model: str) -> dict[str, tuple[int, int]]:
 def variable_path(model: str, segment: str) -> tuple[str, ...]:
     """Where a segment's variables live in each collection (``stage2.block1`` →
     ``("stage2", "BasicBlock_0")``; a plain stage's layers are ``ConvBN_i``)."""
-    stage, _, block = segment.partition(".block")
-    if not block:
+    stage, block = split_segment(segment)
+    if stage == segment:
         return (stage,)
     layer = "BasicBlock" if _SPECS[model][2] == "residual" else "ConvBN"
-    return (stage, f"{layer}_{int(block) - 1}")
+    return (stage, f"{layer}_{block}")
 
 
 def build_model(config: ArchConfig) -> CutNetwork:
