@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -34,6 +35,7 @@ TINY = [
     ("small_cnn", 0.5, (8, 8, 1)),
     ("resnet20", 0.25, (8, 8, 1)),
     ("resnet18", 0.0625, (8, 8, 3)),
+    ("resnet18_imagenet", 0.0625, (16, 16, 1)),
 ]
 
 
@@ -48,9 +50,9 @@ def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, wi
     teacher = _tiny(model, width, shape)
     cuts = teacher.cuts
     assert cuts[0] == "stem" and cuts[-1] == "head"
-    assert len(cuts) == (6 if model == "resnet18" else 5)
+    assert len(cuts) == (6 if model.startswith("resnet18") else 5)
     segments = teacher.segments  # the finest cuts: every block (stage names are their spans)
-    assert len(segments) == {"small_cnn": 7, "resnet20": 11, "resnet18": 10}[model]
+    assert len(segments) == {"small_cnn": 7, "resnet20": 11}.get(model, 10)
     pairs = [(a, b) for i, a in enumerate(segments) for b in segments[i:]]
     pairs += [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
 
@@ -88,6 +90,65 @@ def test_cut_shapes_follow_the_stages_for_any_input_size():
             out = jax.eval_shape(partial(model.apply, stop=cut), template, x)
             assert out.shape[1:3] == (size, size)
         assert jax.eval_shape(model.apply, template, x).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("model", "params"),
+    # torchvision's parameter counts (3 channels, 1000 classes; BatchNorm scale and bias)
+    [
+        ("resnet18_imagenet", 11_689_512),
+        ("resnet34_imagenet", 21_797_672),
+        ("resnet50_imagenet", 25_557_032),
+        ("resnet50", 25_557_032 - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64),  # the CIFAR stem's 3×3
+    ],
+)
+def test_torchvision_layouts_have_torchvision_parameter_counts(model, params):
+    config = ArchConfig(model, num_classes=1000, in_channels=3)
+    template = variables_template(config, (32, 32, 3))
+    assert count_params(template["params"]) == params
+    # the ImageNet stem downsamples 4× (7×7 stride-2 conv, 3×3 stride-2 max pool)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    model_ = build_model(config)
+    sizes = (8, 8, 4, 2, 1) if model.endswith("imagenet") else (32, 32, 16, 8, 4)
+    for cut, size in zip(("stem", "stage1", "stage2", "stage3", "stage4"), sizes):
+        assert jax.eval_shape(partial(model_.apply, stop=cut), template, x).shape[1:3] == (
+            size,
+            size,
+        )
+
+
+def test_bottleneck_blocks_are_cut_points_like_basic_blocks():
+    teacher = _tiny("resnet50_imagenet", 0.0625, (16, 16, 1))
+    v = teacher.variables
+    assert len(teacher.segments) == 2 + 3 + 4 + 6 + 3
+    assert teacher.block_variables("stage2.block3")["params"]["stage2"].keys() == {"Bottleneck_2"}
+    total = count_params(v["params"])
+    assert sum(teacher.block_params(s) for s in teacher.segments) == total
+    x = jax.random.uniform(jax.random.key(5), (2, 16, 16, 1))
+    logits = teacher.apply(v, x)
+    for start, stop in [("stem", "stage1.block2"), ("stage2.block3", "stage3"), ("stage4", None)]:
+        fns = teacher.cut_functions(start, stop)
+        out = fns.suffix(v, fns.block(v, fns.prefix(v, x)))
+        np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-5, err_msg=f"{start}..{stop}")
+    # a bottleneck stage expands its width 4×: stage1 maps 4 channels to 4 × 4
+    z = teacher.cut_functions("stage1").prefix(v, x)
+    assert z.shape[-1] == 4 and teacher.cut_functions("stage1").block(v, z).shape[-1] == 16
+
+
+def test_symmetric_padding_differs_from_same_only_where_pytorch_does():
+    """Stride-2 3×3 convolutions on even sizes: SAME pads (0, 1), PyTorch pads (1, 1)."""
+    same = _tiny("resnet20", 0.25, (8, 8, 1))
+    config = dataclasses.replace(same.config, padding="symmetric")
+    sym = dataclasses.replace(same, config=config, _cache={})
+    v = same.variables
+    x = jax.random.uniform(jax.random.key(6), (2, 8, 8, 1))
+    stage1 = same.cut_functions("stem", "stage1")
+    np.testing.assert_array_equal(
+        stage1.block(v, x), sym.cut_functions("stem", "stage1").block(v, x)
+    )
+    assert not np.allclose(same.apply(v, x), sym.apply(v, x), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown padding"):
+        build_model(dataclasses.replace(config, padding="valid"))
 
 
 def test_batchnorm_runs_in_inference_mode():
@@ -150,8 +211,11 @@ def test_splice_replaces_the_block():
     np.testing.assert_allclose(zeros(v, x), expected, rtol=1e-6)
 
 
-def test_block_params_partition_the_model():
-    teacher = _tiny("resnet18", 0.0625, (8, 8, 3))
+@pytest.mark.parametrize(
+    ("model", "shape"), [("resnet18", (8, 8, 3)), ("resnet18_imagenet", (16, 16, 1))]
+)
+def test_block_params_partition_the_model(model, shape):
+    teacher = _tiny(model, 0.0625, shape)
     total = count_params(teacher.variables["params"])
     per_segment = sum(teacher.block_params(cut) for cut in teacher.cuts)
     assert per_segment == total

@@ -19,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out continues after the last finished epoch.",
     )
     train.add_argument(
-        "--model", required=True, help="resnet20|resnet32|resnet56|resnet18|small_cnn"
+        "--model",
+        required=True,
+        help="resnet20|resnet32|resnet56|small_cnn|resnet18|resnet34|resnet50 (CIFAR stem) or "
+        "resnet18_imagenet|resnet34_imagenet|resnet50_imagenet (7×7 stride-2 conv + max pool)",
     )
     train.add_argument("--dataset", required=True, help="digits|fashion_mnist|mnist|idx|tfds:NAME")
     train.add_argument("--epochs", type=int, required=True)
