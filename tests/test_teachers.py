@@ -309,3 +309,38 @@ def test_copied_teacher_directory_loads_by_path(tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(teacher_dir("digits-cnn"), target)
     assert load_teacher(target).checkpoint_sha256 == load_teacher("digits-cnn").checkpoint_sha256
+
+
+def test_float16_storage_round_trips_through_the_loader_as_float32(tmp_path):
+    teacher = _tiny("resnet18_imagenet", 0.0625, (16, 16, 1))
+    info = {"dataset": "digits", "image_shape": [16, 16, 1], "test_accuracy": 0.5}
+    plain = save_teacher(tmp_path / "f32", teacher.config, teacher.variables, info)
+    meta = save_teacher(tmp_path / "f16", teacher.config, teacher.variables, info, "float16")
+    assert meta["checkpoint"] == "teacher.f16.xz" and meta["checkpoint_storage"] == "float16"
+    size = (tmp_path / "f16" / meta["checkpoint"]).stat().st_size
+    assert size < 0.5 * (tmp_path / "f32" / plain["checkpoint"]).stat().st_size
+    loaded = load_teacher(tmp_path / "f16")
+    rounded = jax.tree.map(lambda a: np.asarray(a, np.float16), teacher.variables)
+    for got, want in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(rounded)):
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    ckpt = tmp_path / "f16" / meta["checkpoint"]
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_teacher(tmp_path / "f16")
+    # without the recorded hash, lzma's failure is still one clear line
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_tree(ckpt, teacher.variables, storage="float16")
+
+
+def test_teacher_pack_records_the_accuracy_of_the_stored_weights(tmp_path, capsys):
+    out = tmp_path / "packed"
+    assert main(["teacher", "pack", "digits-cnn", "--out", str(out), "--name", "d16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    packed, source = load_teacher(out), load_teacher("digits-cnn")
+    assert packed.name == "d16" and packed.info["checkpoint_storage"] == "float16"
+    assert printed["source_test_accuracy"] == source.info["test_accuracy"]
+    test = load_dataset("digits", "test")
+    assert packed.info["test_accuracy"] == packed.accuracy(test.images, test.labels)
+    assert abs(packed.info["test_accuracy"] - source.info["test_accuracy"]) < 0.01
+    assert sorted(p.name for p in out.iterdir()) == ["teacher.f16.xz", "teacher.json"]

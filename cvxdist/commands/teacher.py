@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--limit", type=int, default=None, help="first N test images only")
     evaluate.add_argument("--batch-size", type=int, default=500)
     evaluate.set_defaults(func=run_eval)
+
+    pack = sub.add_parser(
+        "pack",
+        help="re-store a teacher (e.g. float16, to ship it) and re-measure its test accuracy",
+        description="Write a copy of a teacher with another checkpoint storage; its "
+        "teacher.json records the test accuracy of the stored (rounded) weights.",
+    )
+    pack.add_argument("teacher", metavar="NAME_OR_DIR")
+    pack.add_argument("--out", required=True, help="output teacher directory")
+    pack.add_argument("--storage", choices=("float32", "float16"), default="float16")
+    pack.add_argument("--name", default=None, help="teacher name (default: the source's)")
+    pack.add_argument("--data-dir", default=None)
+    pack.set_defaults(func=run_pack)
 
     listing = sub.add_parser("list", help="shipped teachers as JSON lines")
     listing.set_defaults(func=run_list)
@@ -107,6 +121,35 @@ def run_eval(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cvxdist.data import load_dataset
+    from cvxdist.teachers import load_teacher, save_teacher
+    from cvxdist.teachers.checkpoint import stored_values
+
+    teacher = load_teacher(args.teacher)
+    test = load_dataset(teacher.dataset, "test", args.data_dir)
+    stored = stored_values(teacher.variables, args.storage)
+    accuracy = dataclasses.replace(teacher, variables=stored, _cache={}).accuracy(
+        test.images, test.labels
+    )
+    rewritten = ("arch", "params", "cuts", "checkpoint", "checkpoint_sha256", "checkpoint_storage")
+    info = {k: v for k, v in teacher.info.items() if k not in rewritten}
+    info.update(
+        name=args.name or teacher.name,
+        test_accuracy=accuracy,
+        num_test=len(test),
+        source_test_accuracy=teacher.info.get("test_accuracy"),
+        source_checkpoint_sha256=teacher.checkpoint_sha256,
+    )
+    meta = save_teacher(args.out, teacher.config, stored, info, args.storage)
+    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
+    keys = ("name", "test_accuracy", "source_test_accuracy", "checkpoint", "checkpoint_sha256")
+    print(json.dumps({**{k: meta[k] for k in keys}, "bytes": size}))
     return 0
 
 
