@@ -344,3 +344,15 @@ def test_teacher_pack_records_the_accuracy_of_the_stored_weights(tmp_path, capsy
     assert packed.info["test_accuracy"] == packed.accuracy(test.images, test.labels)
     assert abs(packed.info["test_accuracy"] - source.info["test_accuracy"]) < 0.01
     assert sorted(p.name for p in out.iterdir()) == ["teacher.f16.xz", "teacher.json"]
+
+
+@pytest.mark.parametrize("shape", [(2, 14, 14, 3), (1, 7, 8, 2), (1, 1, 1, 1)])
+def test_the_stems_max_pool_equals_flax_max_pool(shape):
+    import flax.linen as nn
+
+    from cvxdist.teachers.models import max_pool
+
+    x = jax.random.normal(jax.random.key(7), shape)
+    for padding, flax_padding in (("same", "SAME"), ("symmetric", ((1, 1), (1, 1)))):
+        expected = nn.max_pool(x, (3, 3), strides=(2, 2), padding=flax_padding)
+        np.testing.assert_array_equal(max_pool(x, 3, 2, padding), expected)

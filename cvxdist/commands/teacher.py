@@ -60,6 +60,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.add_argument("--data-dir", default=None)
     pack.set_defaults(func=run_pack)
 
+    imp = sub.add_parser(
+        "import",
+        help="import a torchvision-layout ResNet from PyTorch (.pth or .safetensors)",
+        description="Turn a torchvision ResNet state_dict (.pth, read without running "
+        "pickled code, or .safetensors) into a teacher directory with teacher.json. Width, "
+        "input channels and classes are read off the checkpoint.",
+    )
+    imp.add_argument("checkpoint", help=".pth / .pt (torch.save zip) or .safetensors file")
+    imp.add_argument("--arch", required=True, help="resnet18|resnet34|resnet50")
+    imp.add_argument(
+        "--stem",
+        default=None,
+        help="imagenet (7×7 conv + max pool) or cifar (3×3 conv, no max pool); "
+        "default: from conv1's kernel size",
+    )
+    imp.add_argument("--out", required=True, help="output teacher directory")
+    imp.add_argument(
+        "--image-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("H", "W", "C"),
+        help="input images (default 32 32 C for the CIFAR stem, 224 224 C for ImageNet's)",
+    )
+    imp.add_argument("--mean", type=float, nargs="+", default=None, help="per channel, in [0, 1]")
+    imp.add_argument("--std", type=float, nargs="+", default=None, help="per channel")
+    imp.add_argument("--dataset", default="none", help="dataset it was trained on, if loadable")
+    imp.add_argument("--name", default=None, help="teacher name (default: --out's name)")
+    imp.set_defaults(func=run_import)
+
     listing = sub.add_parser("list", help="shipped teachers as JSON lines")
     listing.set_defaults(func=run_list)
 
@@ -150,6 +180,29 @@ def run_pack(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
     keys = ("name", "test_accuracy", "source_test_accuracy", "checkpoint", "checkpoint_sha256")
     print(json.dumps({**{k: meta[k] for k in keys}, "bytes": size}))
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import check_output_dir, staged_output
+    from cvxdist.teachers.importers import import_torchvision_resnet
+
+    out = Path(args.out)
+    check_output_dir(out)
+    with staged_output(out) as tmp:
+        meta = import_torchvision_resnet(
+            args.checkpoint,
+            tmp,
+            args.arch,
+            stem=args.stem,
+            image_shape=args.image_shape,
+            mean=args.mean,
+            std=args.std,
+            dataset=args.dataset,
+            name=args.name or out.name,
+        )
+    keys = ("name", "model", "params", "image_shape", "num_classes", "checkpoint_sha256")
+    print(json.dumps({k: meta[k] for k in keys} | {"width": meta["arch"]["width"]}))
     return 0
 
 

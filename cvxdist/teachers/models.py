@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 PADDINGS = ("same", "symmetric")
 
@@ -194,7 +195,24 @@ class Stem(nn.Module):
         if self.kind == "cifar":
             return ConvBN(self.features, padding=self.padding)(x, train)
         x = ConvBN(self.features, kernel=7, stride=2, padding=self.padding)(x, train)
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pads(self.padding, 3))
+        return max_pool(x, 3, 2, self.padding)
+
+
+def max_pool(x: jnp.ndarray, window: int, stride: int, padding: str) -> jnp.ndarray:
+    """``window×window`` max pooling of ``(N, H, W, C)`` (padding counts as ``-inf``).
+
+    The same values as ``nn.max_pool``, computed on ``(N·C, H, W)`` planes: an ONNX
+    converter (jax2onnx) maps that to ONNX ``MaxPool``, but not a pooling window over NHWC.
+    """
+    n, h, w, c = x.shape
+    pads = _pads(padding, window)
+    if pads == "SAME":
+        pads = lax.padtype_to_pads((h, w), (window, window), (stride, stride), "SAME")
+    planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(n * c, h, w)
+    pooled = lax.reduce_window(
+        planes, -jnp.inf, lax.max, (1, window, window), (1, stride, stride), ((0, 0), *pads)
+    )
+    return jnp.transpose(pooled.reshape(n, c, *pooled.shape[1:]), (0, 2, 3, 1))
 
 
 class Head(nn.Module):
