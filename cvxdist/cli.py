@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Order is the order shown by --help.
-COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "teacher", "bench")
+COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "export", "teacher", "bench")
 
 
 class UserError(Exception):

@@ -1,0 +1,155 @@
+"""`cvxdist export`: the compressed network as ONNX, checked against JAX with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cvxdist.cli import main
+from cvxdist.data import load_dataset
+from cvxdist.distill import spliced_predict
+from cvxdist.distill.io import load_students
+from cvxdist.teachers import load_teacher
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+
+TINY_DISTILL = ["--gates", "12", "--samples-per-class", "10", "--max-rows", "800"]
+TINY_DISTILL += ["--reg", "coupled", "--lam-frac", "0.1", "--quiet"]
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Two stages of the digits teacher, one student per block (identity shortcuts too)."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    args = ["distill", "--teacher", "digits-cnn", "--cut", "stage2", "--to", "stage3"]
+    assert main([*args, *TINY_DISTILL, "--per-block", "--identity", "--out", str(out)]) == 0
+    return out
+
+
+def test_exported_network_reproduces_the_spliced_logits(run_dir, tmp_path, capsys):
+    capsys.readouterr()
+    path = tmp_path / "model.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checked_on"] == "digits test split" and printed["top1_identical"]
+    assert printed["max_abs_diff"] <= 1e-4 and printed["bytes"] == path.stat().st_size
+    # independently of the command's own check: the pipeline's spliced forward on the test set
+    students, info = load_students(run_dir)
+    assert len(students) == 4 and any(s.module.identity for s in students)
+    teacher = load_teacher("digits-cnn")
+    test = load_dataset("digits", "test")
+    expected = spliced_predict(teacher, info["cut"], info["to"], students)(test.images)
+    session = _session(path)
+    got = session.run(None, {"images": test.images.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    # the compressed network differs from the teacher, so the check above is not vacuous
+    assert np.abs(expected - teacher.predict(test.images)).max() > 1e-2
+    # any batch size
+    one = session.run(None, {"images": test.images[:1].astype(np.float32)})[0]
+    np.testing.assert_allclose(one, expected[:1], atol=1e-4, rtol=0)
+
+
+def test_teacher_export_size_and_latency(tmp_path):
+    from cvxdist.export import export_onnx, onnx_latencies_ms, onnx_latency_ms, onnx_size_bytes
+
+    teacher = load_teacher("digits-cnn")
+    path = tmp_path / "teacher.onnx"
+    record = export_onnx(teacher, [], None, None, path)
+    assert record["max_abs_diff"] <= 1e-4 and record["images_checked"] == 16
+    assert onnx_size_bytes(path) == path.stat().st_size == record["bytes"]
+    # float32 initializers: the file holds at least the teacher's variables
+    n_vars = sum(np.size(v) for v in jax.tree.leaves(teacher.variables))
+    assert 4 * n_vars <= record["bytes"] < 4 * n_vars + 100_000
+    assert onnx_latency_ms(path, 1, repeats=3) > 0
+    latencies = onnx_latencies_ms({"a": path, "b": path}, (1, 8), repeats=3)
+    assert set(latencies) == {"a", "b"} and set(latencies["a"]) == {1, 8}
+
+
+def test_export_that_does_not_reproduce_writes_nothing(tmp_path):
+    from cvxdist.export import ExportError, export_onnx
+
+    path = tmp_path / "teacher.onnx"
+    with pytest.raises(ExportError, match="onnxruntime does not reproduce"):
+        export_onnx(load_teacher("digits-cnn"), [], None, None, path, atol=-1.0)
+    assert os.listdir(tmp_path) == []
+
+
+def _one_line_error(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_export_bad_input(run_dir, tmp_path, capsys):
+    out = tmp_path / "out" / "model.onnx"
+    base = ["export", "--out", str(out)]
+    _one_line_error(capsys, [*base, str(run_dir), "--format", "tflite"], "unknown format 'tflite'")
+    _one_line_error(capsys, [*base, str(tmp_path / "nope")], "does not exist")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "cache").mkdir(parents=True)  # what an interrupted distill leaves
+    _one_line_error(capsys, [*base, str(unfinished)], "unfinished or corrupt")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("student.json", "student.msgpack"):
+        (corrupt / name).write_bytes((run_dir / name).read_bytes())
+    (corrupt / "student.msgpack").write_bytes(b"\x00garbage")
+    _one_line_error(capsys, [*base, str(corrupt)], "corrupt")
+    (corrupt / "student.json").write_text("{")
+    _one_line_error(capsys, [*base, str(corrupt)], "corrupt")
+    # students of another teacher's blocks
+    _one_line_error(
+        capsys, [*base, str(run_dir), "--teacher", "fashion-resnet20"], "do not fit teacher"
+    )
+    assert not out.parent.exists()
+
+
+def test_imported_pytorch_teacher_goes_through_distill_evaluate_and_export(
+    tmp_path, capsys, monkeypatch
+):
+    """A random-weight CIFAR-stem ResNet-18 (width 1/8) from a .pth, on digits (8×8×1), its
+    BatchNorm statistics measured on digits so that its logits depend on the image."""
+    torch = pytest.importorskip("torch")
+    from test_import import random_resnet
+
+    net = random_resnet("resnet18", width=0.125, in_channels=1, num_classes=10, stem="cifar")
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches seen
+    train = load_dataset("digits", "train")
+    with torch.no_grad():
+        net.train()(torch.from_numpy(train.images[:500]).permute(0, 3, 1, 2))
+    torch.save(net.eval().state_dict(), tmp_path / "r18.pth")
+    monkeypatch.chdir(tmp_path)  # the run records the teacher's name: a folder found from here
+    args = ["teacher", "import", "r18.pth", "--arch", "resnet18", "--out", "imported"]
+    assert main([*args, "--image-shape", "8", "8", "1", "--dataset", "digits"]) == 0
+    capsys.readouterr()
+    distill = ["distill", "--teacher", "imported", "--cut", "stage3", "--to", "stage4"]
+    assert main([*distill, *TINY_DISTILL, "--out", "run"]) == 0
+    distilled = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "run"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["teacher"] == "imported"
+    assert evaluated["accuracy"] == pytest.approx(distilled["accuracy"])
+    assert main(["export", "run", "--format", "onnx", "--out", "imported.onnx"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["top1_identical"] and printed["max_abs_diff"] <= 1e-4
+    students, _ = load_students(tmp_path / "run")
+    assert [s.stage for s in students] == ["stage3", "stage4"]
+    teacher = load_teacher("imported")
+    test = load_dataset("digits", "test")
+    expected = spliced_predict(teacher, "stage3", "stage4", students)(test.images)
+    got = _session("imported.onnx").run(None, {"images": test.images})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    assert len(np.unique(expected.argmax(-1))) >= 3  # not a constant network
