@@ -285,3 +285,28 @@ def demo_onnx_record(
     for name, latency in onnx_latencies_ms(paths).items():
         record[name]["latency_ms"] = {str(b): ms for b, ms in latency.items()}
     return record
+
+
+def onnx_table(record: dict[str, Any]) -> str:
+    """Markdown lines for `demo_onnx_record`'s result (empty if there is none)."""
+    if not record:
+        return ""
+    if "skipped" in record:
+        return f"\nONNX export skipped: {record['skipped']}.\n"
+    first = record["compressed"]
+    lines = [
+        "",
+        f"ONNX (onnxruntime, CPU): logits checked on {first['images_checked']} test images, "
+        f"max |Δlogit| {max(r['max_abs_diff'] for r in record.values()):.2g}, top-1 "
+        f"{'identical' if all(r['top1_identical'] for r in record.values()) else 'DIFFERENT'}.",
+        "",
+        "| network | file | size (bytes) | latency batch 1 (ms) | latency batch 256 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in record.items():
+        latency = row["latency_ms"]
+        lines.append(
+            f"| {name} | {row['file']} | {row['bytes']} | {latency['1']:.3g} | "
+            f"{latency['256']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"

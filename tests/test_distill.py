@@ -304,7 +304,15 @@ def test_demo_quick_writes_the_contract(tmp_path, capsys):
         assert 0.5 < student["accuracy"] <= 1.0
     sizes = [s["block_params"] for s in result["students"]]
     assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]  # matched by parameter count
-    assert "| teacher |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed
+    # ONNX: both networks exported, checked on the whole test split, size and latency
+    for name in ("teacher", "compressed"):
+        onnx = result["onnx"][name]
+        assert (out / onnx["file"]).stat().st_size == onnx["bytes"]
+        assert onnx["max_abs_diff"] <= 1e-4 and onnx["top1_identical"]
+        assert onnx["images_checked"] == 360 and set(onnx["latency_ms"]) == {"1", "256"}
+    assert "| compressed | compressed.onnx |" in printed
 
 
 def test_interrupted_distillation_resumes_from_finished_stages(
