@@ -251,9 +251,12 @@ def test_reader_refuses_pickled_code_and_checks_tensor_bounds(tmp_path, capsys):
 
 
 def test_reader_unwraps_training_checkpoints_and_keeps_dtypes(tmp_path):
-    weights = {"module.a": torch.randn(3, 4)[:, 1:], "module.b": torch.arange(4).half()}
+    base = torch.randn(3, 4)
+    # views of one storage (strided, offset) are saved once and read back as separate arrays
+    weights = {"module.a": base[:, 1:], "module.b": base[2], "module.c": torch.arange(4).half()}
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": weights, "epoch": 3}, path)
     state = read_state_dict(path)
-    assert set(state) == {"a", "b"} and state["b"].dtype == np.float16
-    np.testing.assert_array_equal(state["a"], weights["module.a"].numpy())
+    assert set(state) == {"a", "b", "c"} and state["c"].dtype == np.float16
+    for key in ("a", "b", "c"):
+        np.testing.assert_array_equal(state[key], weights[f"module.{key}"].numpy())

@@ -101,6 +101,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
         super().__init__(io.BytesIO(data))
         self._archive, self._root, self._byteorder = archive, root, byteorder
+        self._storages: dict[str, np.ndarray] = {}  # tensors that share a storage
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _GLOBALS:
@@ -117,16 +118,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise TorchFileError(f"unsupported storage type {storage_type!r}")
+        if key not in self._storages:
+            self._storages[key] = self._read_storage(key, storage_type.dtype, int(numel))
+        return self._storages[key]
+
+    def _read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
         try:
             raw = self._archive.read(f"{self._root}/data/{key}")
         except KeyError:
             raise TorchFileError(f"storage {key!r} is missing from the archive") from None
-        dtype = storage_type.dtype
-        if self._byteorder == "big":
-            dtype = dtype.newbyteorder(">")
-        if len(raw) < int(numel) * dtype.itemsize:
+        stored = dtype.newbyteorder(">") if self._byteorder == "big" else dtype
+        if len(raw) < numel * dtype.itemsize:
             raise TorchFileError(f"storage {key!r} is truncated")
-        return np.frombuffer(raw, dtype, count=int(numel)).astype(storage_type.dtype)
+        return np.frombuffer(raw, stored, count=numel).astype(dtype)
 
 
 def read_torch_zip(path: str | os.PathLike) -> Any:
