@@ -153,3 +153,29 @@ def test_imported_pytorch_teacher_goes_through_distill_evaluate_and_export(
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
     assert len(np.unique(expected.argmax(-1))) >= 3  # not a constant network
+
+
+def test_bottleneck_blocks_get_students_and_export(tmp_path):
+    """ResNet-50 blocks (1×1, 3×3, 1×1 expanding 4×): one student per block, the strided
+    first block of stage 2 and an identity-shortcut second block; then ONNX."""
+    from cvxdist.distill import DistillConfig, distill
+    from cvxdist.export import export_onnx
+    from cvxdist.teachers import ArchConfig, untrained_teacher
+
+    teacher = untrained_teacher(ArchConfig("resnet50", 10, 1, width=0.0625), (16, 16, 1))
+    images = np.random.default_rng(0).uniform(size=(64, 16, 16, 1)).astype(np.float32)
+    config = DistillConfig(
+        cut="stage2.block1",
+        to="stage2.block2",
+        per_block=True,
+        identity=True,
+        gates=8,
+        max_rows=600,
+    )
+    students = distill(teacher, images, config, progress=False)
+    assert [s.stage for s in students] == ["stage2.block1", "stage2.block2"]
+    first, second = (s.module for s in students)
+    assert (first.in_channels, first.out_channels, first.stride) == (16, 32, 2)
+    assert (second.in_channels, second.out_channels, second.identity) == (32, 32, True)
+    record = export_onnx(teacher, students, "stage2.block1", "stage2.block2", tmp_path / "r50.onnx")
+    assert record["max_abs_diff"] <= 1e-4 and record["top1_identical"]
