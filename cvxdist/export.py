@@ -156,20 +156,62 @@ def onnx_predict(session: Any, images: np.ndarray, batch_size: int = 256) -> np.
     return np.concatenate(outputs)
 
 
-def compare_logits(
-    fn: Callable[[jnp.ndarray], jnp.ndarray], session: Any, images: np.ndarray
-) -> dict[str, Any]:
-    """``max_abs_diff`` of onnxruntime's logits from JAX's, and whether top-1 is identical."""
+def batched_logits(
+    fn: Callable[[jnp.ndarray], jnp.ndarray], images: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """``fn`` (jitted) on ``images``, batch by batch, as numpy."""
     jitted = jax.jit(fn)
-    expected = np.concatenate(
-        [np.asarray(jitted(jnp.asarray(images[i : i + 256]))) for i in range(0, len(images), 256)]
+    return np.concatenate(
+        [
+            np.asarray(jitted(jnp.asarray(images[i : i + batch_size])))
+            for i in range(0, len(images), batch_size)
+        ]
     )
+
+
+def compare_logits(
+    fn: Callable[[jnp.ndarray], jnp.ndarray],
+    session: Any,
+    images: np.ndarray,
+    atol: float = 1e-4,
+    eps: float = 1e-6,
+    draws: int = 8,
+) -> dict[str, Any]:
+    """onnxruntime's logits against JAX's on ``images``.
+
+    A gated student is discontinuous where a gate's pre-activation crosses 0, so float32
+    rounding (XLA and onnxruntime add in different orders) can flip a mask and move the
+    logits of an image lying within rounding distance of a gate boundary. Each image whose
+    logits differ by more than ``atol`` (or whose top-1 differs) is tested in JAX alone: if
+    ``draws`` perturbations of its pixels by ±``eps`` move JAX's own logits by more than
+    ``atol``, it is *rounding-sensitive*. ``ok`` requires every other image within ``atol``
+    with the same top-1. Returns ``max_abs_diff`` (all images), ``max_abs_diff_continuous``
+    (the others), ``rounding_sensitive_images``, ``top1_identical``, ``top1_mismatches``,
+    ``images_checked`` and ``ok``.
+    """
+    expected = batched_logits(fn, images)
     got = onnx_predict(session, images)
+    diff = np.abs(got - expected).max(axis=-1)
+    top1_differs = got.argmax(-1) != expected.argmax(-1)
+    off = np.flatnonzero((diff > atol) | top1_differs)
+    sensitive = np.zeros(len(images), bool)
+    if len(off):
+        signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(draws, *images.shape[1:]))
+        perturbed = (images[off, None] + eps * signs).astype(np.float32)
+        moved = batched_logits(fn, perturbed.reshape(-1, *images.shape[1:]))
+        jump = np.abs(moved.reshape(len(off), draws, -1) - expected[off, None]).max(axis=(1, 2))
+        sensitive[off] = jump > atol
+    continuous = diff[~sensitive]
     return {
-        "max_abs_diff": float(np.max(np.abs(got - expected))),
-        "top1_identical": bool(np.array_equal(got.argmax(-1), expected.argmax(-1))),
-        "top1_mismatches": int(np.sum(got.argmax(-1) != expected.argmax(-1))),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_diff_continuous": float(continuous.max()) if len(continuous) else 0.0,
+        "rounding_sensitive_images": int(sensitive.sum()),
+        "top1_identical": not bool(top1_differs.any()),
+        "top1_mismatches": int(top1_differs.sum()),
         "images_checked": len(images),
+        "ok": bool(
+            not np.any((diff > atol) & ~sensitive) and not np.any(top1_differs & ~sensitive)
+        ),
     }
 
 
@@ -187,9 +229,12 @@ def export_onnx(
 
     The model is checked with onnxruntime before it is written (atomically): on
     ``check_images`` (default: 16 seeded uniform images) its logits must be within ``atol``
-    of JAX's with identical top-1, else `ExportError` and nothing is written. Returns
-    ``{"path", "bytes", "max_abs_diff", "top1_identical", ...}``.
+    of JAX's with identical top-1, except on images that lie within rounding distance of a
+    gate boundary (see `compare_logits`), else `ExportError` and nothing is written. Returns
+    ``{"path", "bytes", "max_abs_diff", "top1_identical", ...}`` (`compare_logits`' keys).
     """
+    if not atol >= 0:
+        raise UserError(f"the tolerance must be >= 0, got {atol}")
     image_shape = tuple(image_shape or teacher.image_shape)
     fn = network_function(teacher, students, cut, to)
     try:
@@ -204,12 +249,12 @@ def export_onnx(
     if check_images is None:
         rng = np.random.default_rng(0)
         check_images = rng.uniform(size=(16, *image_shape)).astype(np.float32)
-    check = compare_logits(fn, onnx_session(model), check_images)
-    if not (check["max_abs_diff"] <= atol and check["top1_identical"]):
+    check = compare_logits(fn, onnx_session(model), check_images, atol)
+    if not check["ok"]:
         raise ExportError(
             f"onnxruntime does not reproduce the network: max |Δlogit| "
-            f"{check['max_abs_diff']:.3g} (tolerance {atol:g}), "
-            f"{check['top1_mismatches']} top-1 mismatches"
+            f"{check['max_abs_diff_continuous']:.3g} (tolerance {atol:g}) away from gate "
+            f"boundaries, {check['top1_mismatches']} top-1 mismatches"
         )
     data = model.SerializeToString()
     write_atomic(path, data)
@@ -296,8 +341,10 @@ def onnx_table(record: dict[str, Any]) -> str:
     first = record["compressed"]
     lines = [
         "",
-        f"ONNX (onnxruntime, CPU): logits checked on {first['images_checked']} test images, "
-        f"max |Δlogit| {max(r['max_abs_diff'] for r in record.values()):.2g}, top-1 "
+        f"ONNX (onnxruntime, CPU): logits checked on {first['images_checked']} test images: "
+        f"max |Δlogit| {max(r['max_abs_diff_continuous'] for r in record.values()):.2g} "
+        f"({sum(r['rounding_sensitive_images'] for r in record.values())} images at a gate "
+        f"boundary excepted: max {max(r['max_abs_diff'] for r in record.values()):.2g}), top-1 "
         f"{'identical' if all(r['top1_identical'] for r in record.values()) else 'DIFFERENT'}.",
         "",
         "| network | file | size (bytes) | latency batch 1 (ms) | latency batch 256 (ms) |",

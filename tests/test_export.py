@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,6 +27,20 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def _assert_same_network(got, expected, predict, images):
+    """onnxruntime's logits within 1e-4 of JAX's with the same top-1, except on images (at
+    most 1 %) within rounding distance of a gate boundary, where JAX's own logits jump when
+    the pixels move by ±1e-6."""
+    off = np.flatnonzero(
+        (np.abs(got - expected).max(-1) > 1e-4) | (got.argmax(-1) != expected.argmax(-1))
+    )
+    assert len(off) <= 0.01 * len(images)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(8, *images.shape[1:]))
+    for i in off:
+        nudged = predict((images[i] + 1e-6 * signs).astype(np.float32))
+        assert np.abs(nudged - expected[i]).max() > 1e-4, f"image {i} differs off a boundary"
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Two stages of the digits teacher, one student per block (identity shortcuts too)."""
@@ -41,17 +56,18 @@ def test_exported_network_reproduces_the_spliced_logits(run_dir, tmp_path, capsy
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(path)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["checked_on"] == "digits test split" and printed["top1_identical"]
-    assert printed["max_abs_diff"] <= 1e-4 and printed["bytes"] == path.stat().st_size
+    assert printed["ok"] and printed["max_abs_diff_continuous"] <= 1e-4
+    assert printed["bytes"] == path.stat().st_size
     # independently of the command's own check: the pipeline's spliced forward on the test set
     students, info = load_students(run_dir)
     assert len(students) == 4 and any(s.module.identity for s in students)
     teacher = load_teacher("digits-cnn")
     test = load_dataset("digits", "test")
-    expected = spliced_predict(teacher, info["cut"], info["to"], students)(test.images)
+    predict = spliced_predict(teacher, info["cut"], info["to"], students)
+    expected = predict(test.images)
     session = _session(path)
     got = session.run(None, {"images": test.images.astype(np.float32)})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    _assert_same_network(got, expected, predict, test.images)
     # the compressed network differs from the teacher, so the check above is not vacuous
     assert np.abs(expected - teacher.predict(test.images)).max() > 1e-2
     # any batch size
@@ -65,7 +81,7 @@ def test_teacher_export_size_and_latency(tmp_path):
     teacher = load_teacher("digits-cnn")
     path = tmp_path / "teacher.onnx"
     record = export_onnx(teacher, [], None, None, path)
-    assert record["max_abs_diff"] <= 1e-4 and record["images_checked"] == 16
+    assert record["max_abs_diff"] <= 1e-4 and record["images_checked"] == 16  # no gates
     assert onnx_size_bytes(path) == path.stat().st_size == record["bytes"]
     # float32 initializers: the file holds at least the teacher's variables
     n_vars = sum(np.size(v) for v in jax.tree.leaves(teacher.variables))
@@ -75,13 +91,51 @@ def test_teacher_export_size_and_latency(tmp_path):
     assert set(latencies) == {"a", "b"} and set(latencies["a"]) == {1, 8}
 
 
-def test_export_that_does_not_reproduce_writes_nothing(tmp_path):
-    from cvxdist.export import ExportError, export_onnx
+def test_export_that_does_not_reproduce_writes_nothing(tmp_path, monkeypatch):
+    import cvxdist.export
 
+    predict = cvxdist.export.onnx_predict
+    monkeypatch.setattr(cvxdist.export, "onnx_predict", lambda *a: predict(*a) + 1e-3)
     path = tmp_path / "teacher.onnx"
-    with pytest.raises(ExportError, match="onnxruntime does not reproduce"):
-        export_onnx(load_teacher("digits-cnn"), [], None, None, path, atol=-1.0)
+    with pytest.raises(cvxdist.export.ExportError, match="onnxruntime does not reproduce"):
+        cvxdist.export.export_onnx(load_teacher("digits-cnn"), [], None, None, path)
     assert os.listdir(tmp_path) == []
+
+
+class _FixedSession:
+    """Stands in for onnxruntime: returns given logits, batch by batch."""
+
+    def __init__(self, logits):
+        self.logits, self.seen = logits, 0
+
+    def run(self, _, feeds):
+        n = len(next(iter(feeds.values())))
+        self.seen += n
+        return [self.logits[self.seen - n : self.seen]]
+
+
+def test_only_images_at_a_gate_boundary_may_differ():
+    """A step function of the pixel sum, with image 1 exactly on the step: a flipped output
+    there is rounding (JAX itself jumps within ±1e-6 of the image); anywhere else it is not."""
+    from cvxdist.export import compare_logits
+
+    images = np.random.default_rng(3).uniform(size=(4, 2, 2, 1)).astype(np.float32)
+    edge = images[1].sum()
+
+    def fn(x):
+        step = (x.sum(axis=(1, 2, 3)) >= edge).astype(jnp.float32)
+        return jnp.stack([jnp.full_like(step, 0.5), step], axis=-1)
+
+    expected = np.asarray(fn(jnp.asarray(images)))
+    flipped = expected.copy()
+    flipped[1, 1] = 1.0 - flipped[1, 1]
+    check = compare_logits(fn, _FixedSession(flipped), images)
+    assert check["ok"] and check["rounding_sensitive_images"] == 1
+    assert check["max_abs_diff"] == 1.0 and check["max_abs_diff_continuous"] == 0.0
+    assert check["top1_mismatches"] == 1 and not check["top1_identical"]
+    flipped[2, 1] = 1.0 - flipped[2, 1]  # an image away from the step
+    check = compare_logits(fn, _FixedSession(flipped), images)
+    assert not check["ok"] and check["max_abs_diff_continuous"] == 1.0
 
 
 def _one_line_error(capsys, args, message):
@@ -143,15 +197,15 @@ def test_imported_pytorch_teacher_goes_through_distill_evaluate_and_export(
     assert evaluated["accuracy"] == pytest.approx(distilled["accuracy"])
     assert main(["export", "run", "--format", "onnx", "--out", "imported.onnx"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["top1_identical"] and printed["max_abs_diff"] <= 1e-4
+    assert printed["ok"] and printed["top1_identical"]
     students, _ = load_students(tmp_path / "run")
     assert [s.stage for s in students] == ["stage3", "stage4"]
     teacher = load_teacher("imported")
     test = load_dataset("digits", "test")
-    expected = spliced_predict(teacher, "stage3", "stage4", students)(test.images)
+    predict = spliced_predict(teacher, "stage3", "stage4", students)
+    expected = predict(test.images)
     got = _session("imported.onnx").run(None, {"images": test.images})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    _assert_same_network(got, expected, predict, test.images)
     assert len(np.unique(expected.argmax(-1))) >= 3  # not a constant network
 
 
@@ -178,4 +232,4 @@ def test_bottleneck_blocks_get_students_and_export(tmp_path):
     assert (first.in_channels, first.out_channels, first.stride) == (16, 32, 2)
     assert (second.in_channels, second.out_channels, second.identity) == (32, 32, True)
     record = export_onnx(teacher, students, "stage2.block1", "stage2.block2", tmp_path / "r50.onnx")
-    assert record["max_abs_diff"] <= 1e-4 and record["top1_identical"]
+    assert record["ok"] and record["top1_identical"]
