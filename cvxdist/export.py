@@ -6,6 +6,14 @@ batch dimension, so the ONNX model takes any batch), and the converter is given 
 that evaluates that jaxpr: it then sees only JAX primitives. Handing it the Flax modules
 directly lets its Flax plugins re-lay-out convolutions, which produced graphs onnxruntime
 rejects (jax2onnx 0.17.1). All weights become ONNX initializers (float32).
+
+While tracing, each teacher ConvBN runs as `ConvBN.folded`: BatchNorm folded into the
+convolution's kernel and bias, computed once as constants, so the graph holds one Conv and one
+Add per layer; the unfolded JAX network is the reference the check compares against. The
+students' products are 2-D (GEMMs, not Einsums). For the fashion-resnet20 teacher this took
+the graph from 306 to 138 nodes and the file from 324 to 294 kB, and onnxruntime's median
+latency from 0.54 to 0.42 ms at batch 1 and from 261 to 220 ms at batch 256 (CPU, measured in
+turns on a shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -92,15 +100,17 @@ def network_function(
     to: str | None = None,
 ) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """``images (N, H, W, C) -> logits (N, classes)``: the teacher, or with ``students``
-    (`BlockStudent` s, in order) its blocks ``cut..to`` replaced (weights closed over)."""
+    (`BlockStudent` s, in order) its blocks ``cut..to`` replaced (weights closed over; not
+    jitted, see `to_onnx_model`)."""
     from cvxdist.distill.pipeline import chain
 
     variables = teacher.variables
     if not students:
-        return lambda x: teacher.apply(variables, x)
+        whole = teacher.cut_functions(teacher.segments[0], teacher.segments[-1], jit=False)
+        return lambda x: whole.block(variables, x)
     if cut is None:
         raise ValueError("a cut is needed to splice students")
-    fns = teacher.cut_functions(cut, to)
+    fns = teacher.cut_functions(cut, to, jit=False)
     run_students, student_vars = chain(students), [s.variables for s in students]
     return lambda x: fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
 
@@ -109,7 +119,8 @@ def to_onnx_model(
     fn: Callable[[jnp.ndarray], jnp.ndarray], image_shape: tuple[int, int, int], name: str
 ) -> Any:
     """An ``onnx.ModelProto`` of ``fn`` with input ``images (batch, H, W, C)`` float32 and
-    output ``logits``."""
+    output ``logits``; the teacher's BatchNorms are folded into its convolutions (``fn``
+    must not call jitted functions, whose cached traces would skip the folding)."""
     try:
         from jax2onnx import to_onnx
     except ImportError:
@@ -118,7 +129,10 @@ def to_onnx_model(
         ) from None
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-    closed = jax.make_jaxpr(fn)(spec)
+    from cvxdist.teachers.models import folded_batchnorm
+
+    with folded_batchnorm():
+        closed = jax.make_jaxpr(fn)(spec)
 
     def primitives_only(x: jnp.ndarray) -> jnp.ndarray:
         return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]

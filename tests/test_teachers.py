@@ -159,6 +159,25 @@ def test_batchnorm_runs_in_inference_mode():
     np.testing.assert_allclose(full, one_by_one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("model", "width", "shape"), TINY)
+def test_folded_batchnorm_is_the_same_network_with_one_op_per_layer(model, width, shape):
+    """Under `folded_batchnorm` each ConvBN is one convolution with a bias computed as a
+    constant (no BatchNorm arithmetic left in the trace), computing the same logits."""
+    from cvxdist.teachers.models import folded_batchnorm
+
+    teacher = _tiny(model, width, shape)
+    whole = teacher.cut_functions(teacher.segments[0], teacher.segments[-1], jit=False).block
+    x = jax.random.uniform(jax.random.key(3), (4, *shape))
+    expected = teacher.apply(teacher.variables, x)
+    plain = str(jax.make_jaxpr(lambda x: whole(teacher.variables, x))(x))
+    with folded_batchnorm():
+        folded = jax.make_jaxpr(lambda x: whole(teacher.variables, x))(x)
+    assert "rsqrt" in plain and "rsqrt" not in str(folded)
+    assert str(folded).count("conv_general_dilated") == plain.count("conv_general_dilated")
+    got = jax.core.eval_jaxpr(folded.jaxpr, folded.consts, x)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_stage_is_the_span_of_its_blocks():
     teacher = _tiny("resnet20", 0.25, (8, 8, 1))
     assert teacher.resolve("stage2") == teacher.resolve("stage2.block1", "stage2.block3")

@@ -77,6 +77,8 @@ class GatedStudent(nn.Module):
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
         d, c, K = self.features, self.outputs, len(self.neuron_gate)
         a = self._features(z)
+        locations = a.shape[:-1]
+        a = a.reshape(-1, d)  # 2-D products: GEMMs in an exported ONNX graph, not Einsums
         gates = self.param("gates", _zeros((d, self.num_gates)))
         w_in = self.param("w_in", _zeros((d, K)))
         w_out = self.param("w_out", _zeros((K, c)))
@@ -88,6 +90,7 @@ class GatedStudent(nn.Module):
         if self.reduced_out is not None:
             expand = self.param("expand", _zeros((c, self.out_channels)))
             out = out @ expand + self.param("expand_bias", _zeros((self.out_channels,)))
+        out = out.reshape(*locations, -1)
         if self.identity:
             out = out + z
         return out
