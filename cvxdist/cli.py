@@ -12,12 +12,10 @@ import argparse
 import importlib
 import sys
 
+from cvxdist.errors import UserError
+
 # Order is the order shown by --help.
 COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "teacher", "bench")
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, nothing written."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_DIR = Path("/usr/share/datasets/mnist")

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 from cvxdist.teachers.teacher import Teacher, batched_apply
 
 ROW_KINDS = ("patch", "pooled")

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cvxdist.cli import UserError
 from cvxdist.data import Dataset, load_dataset
+from cvxdist.errors import UserError
 from cvxdist.teachers.checkpoint import load_tree, save_tree
 from cvxdist.teachers.models import ArchConfig, build_model
 from cvxdist.teachers.teacher import (

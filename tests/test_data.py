@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from cvxdist.cli import UserError, main
+from cvxdist.cli import main
 from cvxdist.data import (
     FASHION_MNIST_DIR,
     DatasetFormatError,
@@ -18,6 +18,7 @@ from cvxdist.data import (
     read_idx,
     samples_per_class,
 )
+from cvxdist.errors import UserError
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

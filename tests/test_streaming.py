@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cvxdist.streaming as streaming
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 from cvxdist.streaming import (
     collect_rows,
     image_patches,

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from cvxdist.cli import UserError, main
+from cvxdist.cli import main
+from cvxdist.errors import UserError
 from cvxdist.teachers import CheckpointError, load_teacher
 from cvxdist.training import STATE_NAME, TrainConfig, train_teacher
 

@@ -89,7 +89,7 @@ def load_benchmark(name: str) -> ModuleType:
     Raises:
         UserError: no checkout next to the package, or no such benchmark.
     """
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
 
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
@@ -106,7 +106,7 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
 
     module = load_benchmark(args.benchmark)
     if args.repeats is not None and args.repeats < 1:

@@ -67,7 +67,7 @@ def load_problem_arrays(path: Path) -> dict:
     """X, Y, G from an .npz, with one-line errors for everything that can be wrong."""
     import numpy as np
 
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -86,7 +86,7 @@ def load_problem_arrays(path: Path) -> dict:
 
 
 def _check_out(path: Path) -> None:
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
 
     parent = path.resolve().parent
     if not parent.is_dir():
@@ -111,7 +111,7 @@ def _write_atomic(path: Path, arrays: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
 
     for name in ("lam", "lam_frac", "tol"):
         value = getattr(args, name)
@@ -139,7 +139,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
     import jax
     import numpy as np
 
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
     from cvxdist.problems import make_problem
     from cvxdist.sharding import devices_of
     from cvxdist.solvers import choose_solver, solve

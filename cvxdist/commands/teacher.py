@@ -73,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _check_model(model: str) -> None:
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
     from cvxdist.teachers import MODEL_NAMES
 
     if model not in MODEL_NAMES:

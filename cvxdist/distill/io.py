@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
-from cvxdist.cli import UserError
 from cvxdist.distill.pipeline import BlockStudent
 from cvxdist.distill.student import GatedStudent
+from cvxdist.errors import UserError
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "student.msgpack"

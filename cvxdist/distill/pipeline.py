@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.cli import UserError
 from cvxdist.distill.student import (
     GatedStudent,
     Reduction,
@@ -41,6 +40,7 @@ from cvxdist.distill.student import (
     project_channels,
     student_from_network,
 )
+from cvxdist.errors import UserError
 from cvxdist.teachers.teacher import Teacher, batched_apply
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 
 #: The demo's teacher, and its fallback when Fashion-MNIST is not installed.
 DEMO_TEACHER = "fashion-resnet20"

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 
 
 class CheckpointError(UserError, ValueError):
