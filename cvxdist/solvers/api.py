@@ -18,20 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.problems import GatedReluProblem, lam_max, with_precision
+from cvxdist.duality import Problem, lam_max
+from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
 from cvxdist.solvers.admm import DENSE_MAX_ROWS
-from cvxdist.solvers.common import IterativeSolver, Solution, iterate
+from cvxdist.solvers.common import (
+    IterativeSolver,
+    Solution,
+    count_trace,
+    iterate,
+    solve_compiled,
+)
 from cvxdist.solvers.fista import Fista
+from cvxdist.solvers.phases import exact_gemms, solve_phased
 
 SOLVERS: dict[str, type[IterativeSolver]] = {"fista": Fista}
-
-_trace_count = 0
-
-
-def trace_count() -> int:
-    """How many times the solve core has been traced (compiled) in this process."""
-    return _trace_count
 
 
 def register_solver(name: str, cls: type[IterativeSolver]) -> None:
@@ -42,7 +43,7 @@ def register_solver(name: str, cls: type[IterativeSolver]) -> None:
 def make_solver(
     solver: str | IterativeSolver = "fista",
     reg: str | Regularizer = "coupled",
-    problem: GatedReluProblem | None = None,
+    problem: Problem | None = None,
     **options: Any,
 ) -> IterativeSolver:
     """A solver instance from names. ``solver="auto"`` picks by problem shape."""
@@ -58,7 +59,7 @@ def make_solver(
     return cls(reg=regularizer, **options)
 
 
-def choose_solver(problem: GatedReluProblem | None) -> str:
+def choose_solver(problem: Problem | None) -> str:
     """The solver ``auto`` uses for a problem (documented in the README).
 
     ``admm`` when its N × N kernel is worth forming, else ``fista``. In units of one GEMM of
@@ -69,7 +70,7 @@ def choose_solver(problem: GatedReluProblem | None) -> str:
     per-iteration overhead ≤ 1; ``fista`` otherwise (matrix-free CG needs a Nyström sketch of
     rank ≳ d, i.e. ≳ d GEMM pairs, and several GEMM pairs per iteration: never faster).
     """
-    if problem is None:
+    if problem is None or not hasattr(problem, "X"):  # composed data terms: no row kernel
         return "fista"
     rows = problem.X.shape[-3] * problem.X.shape[-2]
     d, P, c = problem.X.shape[-1], problem.G.shape[-1], problem.Y.shape[-1]
@@ -81,31 +82,16 @@ def choose_solver(problem: GatedReluProblem | None) -> str:
 
 
 @eqx.filter_jit
-def _solve_core(
-    solver: IterativeSolver,
-    problem: GatedReluProblem,
-    lam: Array,
-    U0: Array,
-    tol: Array,
-    max_iters: int,
-) -> Solution:
-    global _trace_count
-    _trace_count += 1
-    return iterate(solver, problem, lam, U0, tol, max_iters)
-
-
-@eqx.filter_jit
 def _solve_batch_core(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Array,
     U0: Array,
     tol: Array,
     max_iters: int,
     problem_axis: int | None,
 ) -> Solution:
-    global _trace_count
-    _trace_count += 1
+    count_trace()
     u0_axis = 0 if U0.ndim == 4 else None
     run = eqx.filter_vmap(
         lambda p, lam, u0: iterate(solver, p, lam, u0, tol, max_iters),
@@ -124,7 +110,7 @@ def _check_lam(lam: Any, name: str = "lam") -> np.ndarray:
 
 
 def resolve_lam(
-    problem: GatedReluProblem,
+    problem: Problem,
     reg: str | Regularizer,
     lam: float | None,
     lam_frac: float | None,
@@ -146,7 +132,7 @@ def resolve_lam(
     return lam, lmax
 
 
-def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
+def _initial_weights(problem: Problem, init: Any) -> Array:
     if init is None:
         return problem.zeros()
     U0 = init.weights.U if isinstance(init, Solution) else init
@@ -156,19 +142,13 @@ def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
     return U0
 
 
-def _exact_gemms(problem: GatedReluProblem) -> bool:
-    from cvxdist.phases import exact_gemms
-
-    return exact_gemms(problem)
-
-
 def _phased(screen: bool) -> Callable[..., Solution]:
-    """The phased solve of :mod:`cvxdist.phases` with the signature of ``_solve_core``."""
-    from cvxdist.phases import solve_phased
+    """The phased solve of :mod:`cvxdist.solvers.phases` with the signature of
+    :func:`~cvxdist.solvers.common.solve_compiled`."""
 
     def run(
         solver: IterativeSolver,
-        problem: GatedReluProblem,
+        problem: Problem,
         lam: Array,
         U0: Array,
         tol: float,
@@ -210,7 +190,7 @@ def _timed(fn: Any, *args: Any) -> Solution:
 
 
 def solve(
-    problem: GatedReluProblem,
+    problem: Problem,
     lam: float | None = None,
     *,
     lam_frac: float | None = None,
@@ -232,13 +212,13 @@ def solve(
         tol: target relative duality gap (static loop bound is ``max_iters``).
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
         screen: remove gates proven zero by gap-safe screening during the solve
-            (:mod:`cvxdist.phases`); ``stats.screened`` counts them.
+            (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
         when this is the first call for these shapes. With ``screen``, or GEMMs that are not
         float32-exact (``"bf16"``; ``"default"`` on GPU/TPU), the solve runs in phases
-        (:mod:`cvxdist.phases`) and the certificate is recomputed with full-precision GEMMs.
+        (:mod:`cvxdist.solvers.phases`) and the certificate is recomputed with full-precision GEMMs.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
@@ -246,12 +226,12 @@ def solve(
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
     dtype = problem.dtype
-    if screen or not _exact_gemms(problem):
+    if screen or not exact_gemms(problem):
         return _timed(
             _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
         )
     return _timed(
-        _solve_core,
+        solve_compiled,
         solver_obj,
         problem,
         jnp.asarray(lam, dtype),
@@ -262,7 +242,7 @@ def solve(
 
 
 def solve_batch(
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Sequence[float] | Array,
     *,
     reg: str | Regularizer = "coupled",
@@ -296,14 +276,14 @@ def solve_batch(
         raise ValueError(f"init must have shape {shape} or (L, *{shape}), got {U0.shape}")
     args = (jnp.asarray(lams_np, dtype), U0, jnp.asarray(tol, dtype), int(max_iters))
     axis = 0 if batched_problem else None
-    if not _exact_gemms(problem):
+    if not exact_gemms(problem):
         return _timed(_bf16_then_highest, solver_obj, problem, *args, axis)
     return _timed(_solve_batch_core, solver_obj, problem, *args, axis)
 
 
 def _bf16_then_highest(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Array,
     U0: Array,
     tol: Array,
@@ -318,13 +298,13 @@ def _bf16_then_highest(
     """
     low = _solve_batch_core(solver, problem, lams, U0, tol, max_iters, axis)
     high = _solve_batch_core(
-        solver, with_precision(problem, "highest"), lams, low.weights.U, tol, max_iters, axis
+        solver, problem.with_precision("highest"), lams, low.weights.U, tol, max_iters, axis
     )
     total = low.stats.iterations + high.stats.iterations
     return eqx.tree_at(lambda s: s.stats.iterations, high, total)
 
 
-def _unbatched_weight_shape(problem: GatedReluProblem) -> tuple[int, int, int]:
+def _unbatched_weight_shape(problem: Problem) -> tuple[int, int, int]:
     return (problem.G.shape[-1], problem.X.shape[-1], problem.Y.shape[-1])
 
 
@@ -345,7 +325,7 @@ def lam_grid(lmax: float, num: int = 10, min_frac: float = 1e-2) -> np.ndarray:
 
 
 def solve_path(
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Sequence[float] | None = None,
     *,
     lam_fracs: Sequence[float] | None = None,
@@ -377,11 +357,11 @@ def solve_path(
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or not _exact_gemms(problem)
+    phased = screen or not exact_gemms(problem)
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             solution = _timed(
-                _phased(screen) if phased else _solve_core,
+                _phased(screen) if phased else solve_compiled,
                 solver_obj,
                 problem,
                 jnp.asarray(lam, dtype),
