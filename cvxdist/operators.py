@@ -218,19 +218,36 @@ def _unregularized_features(problem: GatedRows, X_k: Array) -> Array:
     return jnp.concatenate(parts, axis=1)
 
 
+def unregularized_forward(problem: GatedRows, beta: Array) -> Array:
+    """``[X 1] β`` (the enabled columns), ``(K, n, c)``, zero on padding rows."""
+
+    def chunk(X_k: Array, M_k: Array | None, valid_k: Array | None) -> Array:
+        del M_k
+        fitted = _unregularized_features(problem, X_k) @ beta
+        return fitted if valid_k is None else fitted * valid_k[:, None]
+
+    return map_chunks(problem, chunk, problem.valid)
+
+
+def unregularized_adjoint(problem: GatedRows, R: Array) -> Array:
+    """``[X 1]ᵀ R`` over the real rows, ``(d + 1, c)`` (the enabled columns)."""
+
+    def chunk(X_k: Array, M_k: Array | None, R_k: Array, valid_k: Array | None) -> Array:
+        del M_k
+        if valid_k is not None:
+            R_k = R_k * valid_k[:, None]
+        return _unregularized_features(problem, X_k).T @ R_k
+
+    return sum_chunks(problem, chunk, R, problem.valid)
+
+
 def fit_unregularized(problem: GatedRows, R: Array) -> Array:
     """Least-squares coefficients ``beta`` of the skip/bias columns for residual ``R``.
 
     Returns ``beta`` of shape ``(d + 1, c)`` (skip rows first, bias last; only the parts
-    that are enabled). Padded rows carry zero residual, so they do not bias the fit.
+    that are enabled).
     """
-
-    def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
-        del M_k
-        return _unregularized_features(problem, X_k).T @ R_k
-
-    moments = sum_chunks(problem, chunk, R)
-    return problem.gram_pinv @ moments
+    return problem.gram_pinv @ unregularized_adjoint(problem, R)
 
 
 def project_out_unregularized(problem: GatedRows, R: Array) -> tuple[Array, Array | None]:
@@ -238,15 +255,7 @@ def project_out_unregularized(problem: GatedRows, R: Array) -> tuple[Array, Arra
     if not (problem.skip or problem.bias):
         return R, None
     beta = fit_unregularized(problem, R)
-
-    def chunk(X_k: Array, M_k: Array | None, R_k: Array, valid_k: Array | None) -> Array:
-        del M_k
-        fitted = _unregularized_features(problem, X_k) @ beta
-        if valid_k is not None:
-            fitted = fitted * valid_k[:, None]
-        return R_k - fitted
-
-    return map_chunks(problem, chunk, R, problem.valid), beta
+    return R - unregularized_forward(problem, beta), beta
 
 
 def residual(problem: GatedRows, U: Array) -> tuple[Array, Array | None]:

@@ -218,7 +218,20 @@ class GatedReluProblem(eqx.Module):
     def gate_norm_bounds(self) -> Array:
         """Upper bounds on :math:`\\|A_i\\|_2 / \\sqrt N` per gate, ``(P,)`` (the operator
         norms in the data fit's metric, as gap-safe screening needs them)."""
-        return operators.gate_norm_bounds(self) / math.sqrt(self.num_rows)
+        return self.operator_norms() / math.sqrt(self.num_rows)
+
+    # ------------------------------------- as the row operator of a composed data term
+    def operator_norms(self) -> Array:
+        """Upper bounds on :math:`\\|A_i\\|_2` per gate, ``(P,)``."""
+        return operators.gate_norm_bounds(self)
+
+    def unregularized_forward(self, beta: Array) -> Array:
+        """``[X 1] β``, ``(K, n, c)``."""
+        return operators.unregularized_forward(self, beta)
+
+    def unregularized_adjoint(self, R: Array) -> Array:
+        """``[X 1]ᵀ R``, ``(d + 1, c)`` (the enabled columns)."""
+        return operators.unregularized_adjoint(self, R)
 
 
 def _as_2d(name: str, array: np.ndarray) -> np.ndarray:
