@@ -11,18 +11,15 @@ import pytest
 
 from cvxdist import baselines as B
 from cvxdist.data import load_dataset, samples_per_class
-from cvxdist.distill.pipeline import (
-    DistillConfig,
-    evaluate_spliced,
-    prepare_block,
-    solve_prepared,
-    spliced_predict,
-)
+from cvxdist.distill.evaluation import evaluate_spliced, spliced_predict
+from cvxdist.distill.objectives import objective_loss
+from cvxdist.distill.pipeline import DistillConfig, prepare_block, solve_prepared
 from cvxdist.distill.student import parameter_count
 from cvxdist.streaming import image_patches
 from cvxdist.teachers import load_teacher
 
 CONFIG = {
+    "objective": "activations",
     "reg": "coupled",
     "gates": 12,
     "max_rows": 500,
@@ -108,8 +105,8 @@ def test_relu_student_matches_the_budget_and_its_rows(teacher, data, solved):
 
 def test_mini_batch_adam_draws_batches(solved):
     block, _ = solved
-    full = B.train_relu_head(block.rows, block.targets, 8, B.AdamConfig(steps=100, batch_size=None))
-    mini = B.train_relu_head(block.rows, block.targets, 8, B.AdamConfig(steps=100, batch_size=32))
+    full = B.train_relu_head(block.terms, 8, B.AdamConfig(steps=100, batch_size=None))
+    mini = B.train_relu_head(block.terms, 8, B.AdamConfig(steps=100, batch_size=32))
     # Same init (same seed); different trajectories because the mini-batches differ.
     assert full[1]["curve"][0]["loss"] == pytest.approx(mini[1]["curve"][0]["loss"])
     assert not np.allclose(full[0]["w_in"], mini[0]["w_in"])
@@ -142,10 +139,10 @@ def test_gated_head_at_the_convex_weights_fits_no_worse_than_the_objective(solve
     block, convex = solved
     p = convex.variables["params"]
     index = jnp.asarray(convex.module.neuron_gate, jnp.int32)
-    rows, targets = jnp.asarray(block.rows), jnp.asarray(block.targets)
-    loss = B._squared(lambda q, a: B._gated(q, a, p["gates"], index))
+    (term,) = block.terms
+    loss = objective_loss(block.terms, lambda q, a: B._gated(q, a, p["gates"], index))
     head = {k: p[k] for k in ("w_in", "w_out", "bias", "skip")}
-    start = float(loss(head, rows, targets))
+    start = float(loss(head, [(term.rows, term.targets, None)]))
     assert start <= float(convex.report["objective"]) + 1e-4  # data loss ≤ objective
 
 

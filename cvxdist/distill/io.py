@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
-from cvxdist.distill.pipeline import BlockStudent
-from cvxdist.distill.student import GatedStudent
+from cvxdist.distill.student import BlockStudent, GatedStudent, ReluStudent
 from cvxdist.errors import UserError
 
 STUDENT_JSON = "student.json"
@@ -106,7 +105,6 @@ def _json_default(value: Any) -> Any:
 
 def load_students(directory: Path) -> tuple[list[BlockStudent], dict[str, Any]]:
     """Students and metadata saved by :func:`save_students`; clear errors when corrupt."""
-    from cvxdist.baselines import ReluStudent
 
     directory = Path(directory)
     json_path, weights_path = directory / STUDENT_JSON, directory / STUDENT_WEIGHTS

@@ -70,13 +70,17 @@ def _config_from_args(args: argparse.Namespace, cut: str) -> Any:
         _check_positive("--lam-path", value, strict=False)
     if args.gates < 1:
         raise UserError(f"--gates must be at least 1, got {args.gates}")
-    for flag in ("max_params", "max_input_dim", "max_output_dim", "channel_dim"):
+    _check_positive("--logit-weight", args.logit_weight)
+    for flag in ("max_params", "max_input_dim", "max_output_dim", "channel_dim", "max_images"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     return DistillConfig(
         cut=cut,
         to=args.to,
+        objective=args.objective,
+        logit_weight=args.logit_weight,
+        max_images=args.max_images,
         gates=args.gates,
         reg=args.reg,
         lam_frac=0.02 if args.lam_frac is None else args.lam_frac,
@@ -116,8 +120,9 @@ def _subset(train: Any, per_class: int | None, seed: int) -> Any:
 
 def run_distill(args: argparse.Namespace) -> int:
     from cvxdist.data import holdout_split
+    from cvxdist.distill.evaluation import evaluate_spliced
     from cvxdist.distill.io import check_output_dir, save_students, staged_output
-    from cvxdist.distill.pipeline import distill, evaluate_spliced
+    from cvxdist.distill.pipeline import distill
 
     check_output_dir(args.out)
     if args.samples_per_class is not None and args.samples_per_class < 1:
@@ -177,8 +182,8 @@ def _json(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from cvxdist.distill.evaluation import evaluate_spliced
     from cvxdist.distill.io import load_students
-    from cvxdist.distill.pipeline import evaluate_spliced
 
     students, info = load_students(args.student)
     teacher, train, test = load_teacher_and_data(info["teacher"], args.dataset, args.data_dir)
@@ -265,15 +270,10 @@ def run_demo(args: argparse.Namespace) -> int:
         train_relu_head,
     )
     from cvxdist.data import DatasetNotFoundError
+    from cvxdist.distill.evaluation import evaluate_spliced
     from cvxdist.distill.io import check_output_dir, save_students, staged_output
-    from cvxdist.distill.pipeline import (
-        BlockStudent,
-        DistillConfig,
-        evaluate_spliced,
-        prepare_block,
-        solve_prepared,
-    )
-    from cvxdist.distill.student import parameter_count
+    from cvxdist.distill.pipeline import DistillConfig, prepare_block, solve_prepared
+    from cvxdist.distill.student import BlockStudent, parameter_count
     from cvxdist.teachers import shipped_teachers
 
     check_output_dir(args.out)
@@ -326,8 +326,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     params, adam = train_relu_head(
-        block.rows,
-        block.targets,
+        block.terms,
         hidden,
         AdamConfig(steps=settings["adam_steps"], seed=args.seed),
         skip=config.skip,
