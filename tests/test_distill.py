@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_data import _write_idx_folder
 
 from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
@@ -256,21 +257,13 @@ def test_distill_bad_input(tmp_path, capsys, extra, message):
 
 
 def test_teacher_dataset_mismatch(tmp_path, capsys):
-    fmnist = "/usr/share/datasets/fashion-mnist"
-    if not os.path.isdir(fmnist):
-        pytest.fail("Fashion-MNIST (apt package dataset-fashion-mnist) is required for this test")
-    code = main(
-        [
-            "distill",
-            "--teacher",
-            "digits-cnn",
-            "--dataset",
-            "fashion_mnist",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
-    assert code == 2 and "takes images of shape (8, 8, 1)" in capsys.readouterr().err
+    _write_idx_folder(tmp_path, n_train=12, n_test=4)  # 5×6 images, not digits' 8×8
+    out = tmp_path / "o"
+    code = main(["distill", "--teacher", "digits-cnn", "--dataset", "idx", "--data-dir",
+                 str(tmp_path), "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "takes images of shape (8, 8, 1)" in err and "(5, 6, 1)" in err
+    assert not out.exists()
 
 
 def test_unwritable_output(tmp_path, capsys):
