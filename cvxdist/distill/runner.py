@@ -227,17 +227,26 @@ def _plot_distill(result: dict[str, Any], path: Path) -> None:
 
 
 def _demo_settings(quick: bool, fallback: bool) -> dict[str, Any]:
-    if quick:
-        # coupled: a cheap prox (no per-gate SVD) keeps the CI-sized demo fast
-        return {
-            "samples_per_class": 20,
-            "gates": 32,
-            "max_rows": 2000,
-            "adam_steps": 300,
-            "reg": "coupled",
-        }
+    # The digits teacher's stage3 (13,952 parameters; 3×3×16 patches, 32 output channels):
+    # as on Fashion-MNIST, few PCA dimensions, `nuclear` at a large λ and a refit keep the
+    # student under 1/4 of the block (measured on 2 CPU cores: 3,290 parameters, 0.911 test
+    # accuracy, a 4.7 s solve of 39 iterations; the whole demo 38 s).
+    digits = {
+        "samples_per_class": None,
+        "gates": 48,
+        "max_rows": 20_000,
+        "adam_steps": 1500,
+        "reg": "nuclear",
+        "lam_frac": 0.2,
+        "max_input_dim": 10,
+        "max_output_dim": 8,
+        "output_variance": 0.99,
+        "refit": True,
+    }
+    if quick:  # the same student from 20 images per class (CI-sized)
+        return {**digits, "samples_per_class": 20, "max_rows": 2000, "adam_steps": 300}
     if fallback:
-        return {"samples_per_class": None, "gates": 96, "max_rows": 20_000, "adam_steps": 1500}
+        return digits
     # The shipped Fashion-MNIST teacher: all training images, sized for the 5-minute budget
     # on 2 CPU cores and for a student under 1/4 of the teacher block (measured, see the
     # README): few input/output PCA dimensions (the input projection and the expansion are
