@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_data import _write_idx_folder
+from test_light_install import HEAVY_MODULES, modules_loaded_by
 
 from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
@@ -283,9 +284,13 @@ def test_unwritable_output(tmp_path, capsys):
         locked.chmod(0o700)
 
 
-def test_demo_quick_writes_the_contract(tmp_path, capsys):
+def test_demo_quick_writes_the_contract(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    # In a fresh interpreter, to see that the demo never imports TensorFlow (nor torch).
+    argv = ["demo", "--quick", "--quiet", "--out", str(out)]
+    done, loaded = modules_loaded_by(f"from cvxdist.cli import main\nrc = main({argv!r})")
+    assert done.returncode == 0, done.stderr
+    assert "jax" in loaded and not loaded & set(HEAVY_MODULES)
     result = json.loads((out / "result.json").read_text())
     for key in ("teacher_accuracy", "students", "teacher_block_params", "samples_per_class"):
         assert key in result
@@ -297,7 +302,8 @@ def test_demo_quick_writes_the_contract(tmp_path, capsys):
         assert 0.5 < student["accuracy"] <= 1.0
     sizes = [s["block_params"] for s in result["students"]]
     assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]  # matched by parameter count
-    assert "| teacher |" in capsys.readouterr().out
+    assert sizes[0] <= result["teacher_block_params"] / 4  # it compresses
+    assert "| teacher |" in done.stdout
 
 
 def test_interrupted_distillation_resumes_from_finished_stages(
