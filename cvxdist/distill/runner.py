@@ -24,13 +24,15 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def load_teacher_and_data(
-    teacher_name: str, dataset: str | None, data_dir: str | None
+    teacher: Any, dataset: str | None, data_dir: str | None
 ) -> tuple[Any, Any, Any]:
-    """Teacher, train and test splits; checks that the dataset fits the teacher."""
+    """Teacher (given, or loaded from a shipped name or a folder), train and test splits;
+    checks that the dataset fits the teacher."""
     from cvxdist.data import load_dataset
     from cvxdist.teachers import load_teacher
 
-    teacher = load_teacher(teacher_name)
+    if isinstance(teacher, (str, Path)):
+        teacher = load_teacher(teacher)
     name = dataset or teacher.dataset
     train = load_dataset(name, "train", data_dir)
     test = load_dataset(name, "test", data_dir)
@@ -116,7 +118,7 @@ def _subset(train: Any, per_class: int | None, seed: int) -> Any:
 
 def run_distill(args: argparse.Namespace) -> int:
     from cvxdist.data import holdout_split
-    from cvxdist.distill.io import check_output_dir, save_students, staged_output
+    from cvxdist.distill.io import check_output_dir, save_students, staged_output, teacher_record
     from cvxdist.distill.pipeline import distill, evaluate_spliced
 
     check_output_dir(args.out)
@@ -157,7 +159,8 @@ def run_distill(args: argparse.Namespace) -> int:
         "stages": [{"stage": s.stage, **s.report} for s in students],
     }
     with staged_output(args.out) as tmp:
-        save_students(tmp, students, {"teacher": teacher.name, "cut": cut, "to": last})
+        meta = {**teacher_record(args.teacher, teacher), "cut": cut, "to": last}
+        save_students(tmp, students, meta)
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         _plot_distill(result, tmp / "plot.png")
     summary = {k: result[k] for k in ("accuracy", "teacher_accuracy", "agreement")}
@@ -177,11 +180,12 @@ def _json(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from cvxdist.distill.io import load_students
+    from cvxdist.distill.io import load_students, resolve_run_teacher
     from cvxdist.distill.pipeline import evaluate_spliced
 
     students, info = load_students(args.student)
-    teacher, train, test = load_teacher_and_data(info["teacher"], args.dataset, args.data_dir)
+    teacher = resolve_run_teacher(args.student, args.teacher)
+    teacher, train, test = load_teacher_and_data(teacher, args.dataset, args.data_dir)
     data = test if args.split == "test" else train
     images, labels = data.images, data.labels
     if args.limit is not None:
@@ -274,7 +278,7 @@ def run_demo(args: argparse.Namespace) -> int:
         train_relu_head,
     )
     from cvxdist.data import DatasetNotFoundError
-    from cvxdist.distill.io import check_output_dir, save_students, staged_output
+    from cvxdist.distill.io import check_output_dir, save_students, staged_output, teacher_record
     from cvxdist.distill.pipeline import (
         BlockStudent,
         DistillConfig,
@@ -376,7 +380,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "adam": {k: v for k, v in adam.items() if k != "history"},
     }
     with staged_output(args.out) as tmp:
-        save_students(tmp, [convex], {"teacher": teacher.name, "cut": cut, "to": cut})
+        save_students(tmp, [convex], {**teacher_record(name, teacher), "cut": cut, "to": cut})
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         (tmp / "table.md").write_text(demo_table(result))
     print(demo_table(result))
