@@ -7,11 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cvxdist.errors import UserError
+
+if TYPE_CHECKING:
+    from cvxdist.teachers import Teacher
 
 #: The demo's teacher, and its fallback when Fashion-MNIST is not installed.
 DEMO_TEACHER = "fashion-resnet20"
@@ -24,8 +27,8 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def load_teacher_and_data(
-    teacher: Any, dataset: str | None, data_dir: str | None
-) -> tuple[Any, Any, Any]:
+    teacher: str | Path | Teacher, dataset: str | None, data_dir: str | None
+) -> tuple[Teacher, Any, Any]:
     """Teacher (given, or loaded from a shipped name or a folder), train and test splits;
     checks that the dataset fits the teacher."""
     from cvxdist.data import load_dataset
