@@ -15,7 +15,7 @@ import sys
 from cvxdist.errors import UserError
 
 # Order is the order shown by --help.
-COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "teacher", "bench")
+COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "teacher", "data", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

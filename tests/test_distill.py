@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_data import _write_idx_folder
+from test_light_install import HEAVY_MODULES, modules_loaded_by
 
 from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
@@ -264,21 +266,13 @@ def test_distill_bad_input(tmp_path, capsys, extra, message):
 
 
 def test_teacher_dataset_mismatch(tmp_path, capsys):
-    fmnist = "/usr/share/datasets/fashion-mnist"
-    if not os.path.isdir(fmnist):
-        pytest.fail("Fashion-MNIST (apt package dataset-fashion-mnist) is required for this test")
-    code = main(
-        [
-            "distill",
-            "--teacher",
-            "digits-cnn",
-            "--dataset",
-            "fashion_mnist",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
-    assert code == 2 and "takes images of shape (8, 8, 1)" in capsys.readouterr().err
+    _write_idx_folder(tmp_path, n_train=12, n_test=4)  # 5×6 images, not digits' 8×8
+    out = tmp_path / "o"
+    code = main(["distill", "--teacher", "digits-cnn", "--dataset", "idx", "--data-dir",
+                 str(tmp_path), "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "takes images of shape (8, 8, 1)" in err and "(5, 6, 1)" in err
+    assert not out.exists()
 
 
 def test_unwritable_output(tmp_path, capsys):
@@ -298,9 +292,13 @@ def test_unwritable_output(tmp_path, capsys):
         locked.chmod(0o700)
 
 
-def test_demo_quick_writes_the_contract(tmp_path, capsys):
+def test_demo_quick_writes_the_contract(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    # In a fresh interpreter, to see that the demo never imports TensorFlow (nor torch).
+    argv = ["demo", "--quick", "--quiet", "--out", str(out)]
+    done, loaded = modules_loaded_by(f"from cvxdist.cli import main\nrc = main({argv!r})")
+    assert done.returncode == 0, done.stderr
+    assert "jax" in loaded and not loaded & set(HEAVY_MODULES)
     result = json.loads((out / "result.json").read_text())
     for key in ("teacher_accuracy", "students", "teacher_block_params", "samples_per_class"):
         assert key in result
@@ -312,7 +310,8 @@ def test_demo_quick_writes_the_contract(tmp_path, capsys):
         assert 0.5 < student["accuracy"] <= 1.0
     sizes = [s["block_params"] for s in result["students"]]
     assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]  # matched by parameter count
-    assert "| teacher |" in capsys.readouterr().out
+    assert sizes[0] <= result["teacher_block_params"] / 4  # it compresses
+    assert "| teacher |" in done.stdout
 
 
 def test_interrupted_distillation_resumes_from_finished_stages(
