@@ -3,6 +3,7 @@
 from cvxdist.distill.pipeline import (
     BlockStudent,
     DistillConfig,
+    SplicedEvaluator,
     distill,
     evaluate_spliced,
     spliced_predict,
@@ -15,6 +16,7 @@ __all__ = [
     "DistillConfig",
     "GatedStudent",
     "Reduction",
+    "SplicedEvaluator",
     "distill",
     "evaluate_spliced",
     "spliced_predict",
