@@ -395,7 +395,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 from cvxdist.commands.bench import benchmarks_root, load_benchmark
 
                 TINY = os.environ.get("CVXDIST_TINY") == "1"
-                harness = load_benchmark("distill")  # benchmarks/distill.py of the checkout
+                harness = load_benchmark("distill")  # benchmarks/distill/ of the checkout
                 OUT = Path(tempfile.mkdtemp(prefix="bench-distill-"))
                 """
             ),
@@ -403,9 +403,10 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 """
                 ## A tiny grid
 
-                One seed, the digits teacher, E3 only: the convex solver run to a series of
-                duality-gap tolerances against Adam's loss curve, compilation excluded. The full
-                grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
+                One seed, the digits teacher, E3's first part only: the convex solver run to a
+                series of duality-gap tolerances against Adam's loss curve, compilation excluded
+                (`e3_lam_path=()` leaves out the second part, test accuracy against wall time).
+                The full grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
                 `harness.quick_grid()`.
                 """
             ),
@@ -418,8 +419,9 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                     seeds=(0,),
                     e3_methods=("relu-adam",),
                     e3_adam_steps=100 if TINY else 1000,
+                    e3_lam_path=(),
                 )
-                payload = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                payload = harness.run_grid(OUT, grid, ["E3"], log=print)
                 print(payload["computed"], "points computed,", payload["reused"], "reused")
                 """
             ),
@@ -439,7 +441,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
             ),
             code(
                 """
-                again = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                again = harness.run_grid(OUT, grid, ["E3"], log=print)
                 assert again["computed"] == 0, again["computed"]
                 """
             ),
