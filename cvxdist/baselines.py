@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from cvxdist.distill.student import Reduction, _zeros, input_reduction_params, parameter_count
+from cvxdist.mapping import GatedNetwork, predict
 
 
 class ReluStudent(nn.Module):
@@ -153,11 +154,10 @@ def _mlp(params: dict[str, jnp.ndarray], a: jnp.ndarray) -> jnp.ndarray:
 def _gated(
     params: dict[str, jnp.ndarray], a: jnp.ndarray, gates: jnp.ndarray, neuron_gate: jnp.ndarray
 ) -> jnp.ndarray:
-    masks = (a @ gates >= 0)[:, neuron_gate].astype(a.dtype)
-    out = ((a @ params["w_in"]) * masks) @ params["w_out"] + params["bias"]
-    if "skip" in params:
-        out = out + a @ params["skip"]
-    return out
+    """The fixed-gate network on rows ``a`` (the library's gated forward, traced weights)."""
+    skip = params.get("skip")
+    net = GatedNetwork(gates, neuron_gate, params["w_in"], params["w_out"], skip, params["bias"])
+    return predict(net, a)
 
 
 def _squared(predict: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
