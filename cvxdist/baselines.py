@@ -510,6 +510,7 @@ def kd_students(
     progress: bool = False,
     precompute_bytes: int = 256 * 2**20,
     teacher_logits: np.ndarray | None = None,
+    keep_params: bool = False,
 ) -> list[Any]:
     """Learned-ReLU students of the stages ``cut..to`` trained by logit distillation.
 
@@ -518,7 +519,9 @@ def kd_students(
     The students are spliced into the teacher and trained jointly by Adam on the softened-logit
     KL over ``images`` (no labels); the teacher's prefix and suffix are frozen. The block input
     ``prefix(images)`` is precomputed when it fits in ``precompute_bytes``; ``teacher_logits``
-    (the teacher's logits on ``images``) may be passed to skip computing them.
+    (the teacher's logits on ``images``) may be passed to skip computing them. With
+    ``keep_params`` the report (shared by the students) holds ``snapshots``: the students'
+    variables at each point of its loss curve.
     """
     from cvxdist.distill.pipeline import stages_of
     from cvxdist.distill.student import BlockStudent
@@ -569,6 +572,7 @@ def kd_students(
         progress=progress,
         desc="Adam (logit KD)",
         eval_limit=2048,
+        keep_params=keep_params,
     )
     report["temperature"] = config.temperature
     students = []

@@ -1,6 +1,6 @@
 """Convex block distillation: students, the end-to-end pipeline and its evaluation."""
 
-from cvxdist.distill.evaluation import evaluate_spliced, spliced_predict
+from cvxdist.distill.evaluation import SplicedEvaluator, evaluate_spliced, spliced_predict
 from cvxdist.distill.objectives import OBJECTIVES
 from cvxdist.distill.pipeline import DistillConfig, distill, stages_of
 from cvxdist.distill.student import BlockStudent, GatedStudent, Reduction, student_from_network
@@ -11,6 +11,7 @@ __all__ = [
     "DistillConfig",
     "GatedStudent",
     "Reduction",
+    "SplicedEvaluator",
     "distill",
     "evaluate_spliced",
     "spliced_predict",

@@ -249,8 +249,11 @@ def prepare_block(
     config: DistillConfig,
     replaced: Sequence[BlockStudent] = (),
     progress: bool = True,
+    reduction: Reduction | None = None,
 ) -> PreparedBlock:
-    """Activations, reduction and data terms of ``stage``, its input through ``replaced``."""
+    """Activations, reduction and data terms of ``stage``, its input through ``replaced``,
+    reduced by ``reduction`` (e.g. another chain's, to share its coordinates) or by one
+    fitted here."""
     from cvxdist.streaming import collect_activations, select_images
 
     first, _, last = stage.partition("..")
@@ -286,8 +289,9 @@ def prepare_block(
     )
     raw_rows, raw_targets = acts.flat_rows()
     patch = (int(info["kernel_size"]), int(info["input_shape"][-1]))
-    basis = head_basis(linear[0]) if objective == "logits" else None
-    reduction = fit_reduction(raw_rows, raw_targets, config, patch=patch, output_basis=basis)
+    if reduction is None:
+        basis = head_basis(linear[0]) if objective == "logits" else None
+        reduction = fit_reduction(raw_rows, raw_targets, config, patch=patch, output_basis=basis)
     rows = reduction.rows(raw_rows).astype(np.float32)
     targets = reduction.targets(raw_targets).astype(np.float32)
     N = len(acts)
