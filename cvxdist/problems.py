@@ -465,3 +465,31 @@ def correlation(problem: GatedReluProblem) -> Array:
 def lam_max(problem: GatedReluProblem, reg: Regularizer) -> Array:
     """Smallest λ at which ``U = 0`` is optimal for ``reg`` (full-precision GEMMs)."""
     return reg.lam_max(correlation(with_precision(problem, "highest")))
+
+
+def unregularized_gram_pinv(problem: GatedReluProblem) -> Array | None:
+    """Pseudo-inverse of ``[X 1]ᵀ[X 1]`` (the enabled skip/bias columns) over the real rows of
+    an assembled problem, accumulated chunk by chunk and inverted in float64 (x64 is enabled
+    for this call only); ``None`` without skip or bias.
+
+    For problems whose rows are not on this host as one numpy array (rows of several
+    processes, :mod:`cvxdist.multihost`) and for float64 copies of float32 problems
+    (:mod:`cvxdist.solvers.polish`); the result is float64, cast it to the problem's dtype.
+    """
+    if not (problem.skip or problem.bias):
+        return None
+    with jax.enable_x64(True):
+        return _gram_pinv64(problem)
+
+
+@eqx.filter_jit
+def _gram_pinv64(problem: GatedReluProblem) -> Array:
+    def chunk(X_k: Array, M_k: Array | None, valid_k: Array | None) -> Array:
+        del M_k
+        features = operators._unregularized_features(problem, X_k).astype(jnp.float64)
+        if valid_k is not None:
+            features = features * valid_k[:, None]
+        return jnp.matmul(features.T, features, precision=jax.lax.Precision.HIGHEST)
+
+    gram = operators.sum_chunks(problem, chunk, problem.valid)
+    return jnp.linalg.pinv(gram, rtol=1e-10, hermitian=True)

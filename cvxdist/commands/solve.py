@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="remove gates proven zero by gap-safe screening during the solve",
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--no-polish",
+        dest="polish",
+        action="store_false",
+        help="with a float32 --tol below 1.5e-5 (what float32 can certify), stop at that floor "
+        "instead of finishing the solve in float64",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where to write SOL.npz")
     parser.set_defaults(func=run)
 
@@ -174,6 +181,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
             tol=args.tol,
             max_iters=args.max_iters,
             screen=args.screen,
+            polish=args.polish,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -187,6 +195,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
         "converged": bool(solution.converged),
         "certificate": float(stats.rel_gap),
         "certificate_kind": "relative duality gap",
+        "certificate_dtype": str(stats.rel_gap.dtype),
         "time_s": float(stats.time_s),
         "lam": float(stats.lam),
         "lam_max": float(lam_max(problem, get_regularizer(args.reg))),
