@@ -189,6 +189,22 @@ def validate_arrays(X: object, Y: object, G: object) -> tuple[np.ndarray, np.nda
     return X, Y, G
 
 
+def problem_dtype(X: np.ndarray, dtype: jnp.dtype | str | None) -> jnp.dtype:
+    """The float dtype of a problem with rows ``X``: ``dtype``, or X's float dtype as JAX
+    canonicalizes it (float64 becomes float32 unless x64 is enabled).
+
+    Raises:
+        ValueError: float64 asked for while x64 is disabled.
+    """
+    if dtype is None:
+        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+        dtype = jax.dtypes.canonicalize_dtype(floating)
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    return dtype
+
+
 def default_chunk_rows(num_rows: int, num_gates: int, num_outputs: int) -> int:
     """Rows per chunk so that the ``(n, P, c)`` intermediate stays under the default budget."""
     per_row = max(1, num_gates * num_outputs)
@@ -232,12 +248,7 @@ def make_problem(
         ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size or options.
     """
     X, Y, G = validate_arrays(X, Y, G)
-    if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
-        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
-        dtype = jax.dtypes.canonicalize_dtype(floating)
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    dtype = problem_dtype(X, dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if stream and store_masks:
