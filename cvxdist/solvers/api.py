@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -31,6 +31,7 @@ from cvxdist.solvers.common import (
 )
 from cvxdist.solvers.fista import Fista
 from cvxdist.solvers.phases import exact_gemms, solve_phased
+from cvxdist.solvers.polish import Run, solve_to_tol
 
 SOLVERS: dict[str, type[IterativeSolver]] = {"fista": Fista}
 
@@ -142,21 +143,25 @@ def _initial_weights(problem: Problem, init: Any) -> Array:
     return U0
 
 
-def _phased(screen: bool) -> Callable[..., Solution]:
-    """The phased solve of :mod:`cvxdist.solvers.phases` with the signature of
-    :func:`~cvxdist.solvers.common.solve_compiled`."""
+def _run(screen: bool) -> Run:
+    """One solve in the problem's dtype: phased (:mod:`cvxdist.solvers.phases`: screening, or
+    GEMMs that are not float32-exact) or one compiled loop; ``lam`` and ``tol`` become traced."""
 
     def run(
         solver: IterativeSolver,
         problem: Problem,
-        lam: Array,
+        lam: Array | float,
         U0: Array,
         tol: float,
         max_iters: int,
     ) -> Solution:
-        return solve_phased(
-            solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
-        )
+        lam = jnp.asarray(lam, problem.dtype)
+        if screen or not exact_gemms(problem):
+            return solve_phased(
+                solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
+            )
+        tol = jnp.asarray(tol, problem.dtype)
+        return solve_compiled(solver, problem, lam, U0, tol, int(max_iters))
 
     return run
 
@@ -183,10 +188,9 @@ def _timed(fn: Any, *args: Any) -> Solution:
     with _single_threaded_blas():
         solution = jax.block_until_ready(fn(*args))
     elapsed = time.perf_counter() - start
-    shape = solution.stats.time_s.shape
-    return eqx.tree_at(
-        lambda s: s.stats.time_s, solution, jnp.full(shape, elapsed, solution.stats.time_s.dtype)
-    )
+    like = solution.stats.time_s
+    with jax.enable_x64(like.dtype == jnp.float64):  # a polished solution is float64
+        return eqx.tree_at(lambda s: s.stats.time_s, solution, jnp.full_like(like, elapsed))
 
 
 def solve(
@@ -200,6 +204,7 @@ def solve(
     max_iters: int = 10_000,
     init: Array | Solution | None = None,
     screen: bool = False,
+    polish: bool = True,
     **solver_options: Any,
 ) -> Solution:
     """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
@@ -213,31 +218,24 @@ def solve(
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
         screen: remove gates proven zero by gap-safe screening during the solve
             (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
+        polish: when ``tol`` is below what float32 can certify (128 eps, 1.5e-5), solve in
+            float32 to that floor, then continue in float64 (:mod:`cvxdist.solvers.polish`);
+            ``False`` stops at the floor with ``RESULTS.precision_floor``.
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
         when this is the first call for these shapes. With ``screen``, or GEMMs that are not
         float32-exact (``"bf16"``; ``"default"`` on GPU/TPU), the solve runs in phases
         (:mod:`cvxdist.solvers.phases`) and the certificate is recomputed with full-precision GEMMs.
+        A polished solution has float64 weights and statistics.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
-    dtype = problem.dtype
-    if screen or not exact_gemms(problem):
-        return _timed(
-            _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
-        )
     return _timed(
-        solve_compiled,
-        solver_obj,
-        problem,
-        jnp.asarray(lam, dtype),
-        U0,
-        jnp.asarray(tol, dtype),
-        int(max_iters),
+        solve_to_tol, _run(screen), solver_obj, problem, lam, U0, tol, int(max_iters), polish
     )
 
 
@@ -335,13 +333,14 @@ def solve_path(
     max_iters: int = 10_000,
     progress: bool = True,
     screen: bool = False,
+    polish: bool = True,
     **solver_options: Any,
 ) -> list[Solution]:
     """Warm-started regularization path, largest λ first (one compilation for all λ).
 
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
-    descending. Returns one Solution per λ, in that order. ``screen`` applies gap-safe
-    screening to each solve (see :func:`solve`).
+    descending. Returns one Solution per λ, in that order. ``screen`` and ``polish`` apply
+    to each solve (see :func:`solve`).
     """
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
@@ -357,19 +356,13 @@ def solve_path(
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or not exact_gemms(problem)
+    run = _run(screen)
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             solution = _timed(
-                _phased(screen) if phased else solve_compiled,
-                solver_obj,
-                problem,
-                jnp.asarray(lam, dtype),
-                U,
-                tol if phased else jnp.asarray(tol, dtype),
-                int(max_iters),
+                solve_to_tol, run, solver_obj, problem, lam, U, tol, int(max_iters), polish
             )
-            U = solution.weights.U
+            U = solution.weights.U.astype(dtype)  # a polished solution is float64
             bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
             solutions.append(solution)
     return solutions
