@@ -39,7 +39,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-images",
         type=int,
         default=None,
-        help="images of the logits term (default: all training images)",
+        help="images of the downstream term (default: all training images for logits, "
+        "4000 for gauss-newton, whose Jacobians take k·L·c' values per image)",
     )
     parser.add_argument("--gates", type=int, default=128, help="gates sampled per stage")
     parser.add_argument("--lam-frac", type=float, default=None, help="λ as a fraction of λ_max")

@@ -267,6 +267,21 @@ def gauss_newton_term(
     )
 
 
+def concatenate_terms(parts: Sequence[TermData]) -> TermData:
+    """One term from parts of the same kind over disjoint images (chunks of a stream)."""
+    if not parts:
+        raise UserError("no images for the data term")
+    first = parts[0]
+
+    def join(name: str) -> np.ndarray | None:
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return dataclasses.replace(
+        first, rows=join("rows"), targets=join("targets"), jacobian=join("jacobian")
+    )
+
+
 def _basis(reduction: Any, channels: int) -> np.ndarray:
     return np.eye(channels) if reduction.out_basis is None else reduction.out_basis
 

@@ -44,6 +44,7 @@ from cvxdist.distill.objectives import (
     OBJECTIVES,
     TermData,
     activation_term,
+    concatenate_terms,
     convex_problem,
     gauss_newton_term,
     head_basis,
@@ -64,6 +65,9 @@ from cvxdist.distill.student import (
 from cvxdist.errors import UserError
 from cvxdist.teachers.teacher import Teacher
 
+#: Images of the Gauss–Newton term by default (its Jacobians hold k·L·c' values per image).
+GAUSS_NEWTON_IMAGES = 4000
+
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
@@ -73,7 +77,7 @@ class DistillConfig:
     to: str | None = None
     objective: str | None = None  # None: the best measured for the cut (see objectives)
     logit_weight: float = 1.0  # mixed: weight of the downstream term
-    max_images: int | None = None  # images of the logits term (None: all)
+    max_images: int | None = None  # images of a downstream term (None: all; GN: 4000)
     gates: int = 128
     gate_kind: str = "data"
     reg: str = "nuclear"
@@ -258,7 +262,7 @@ def prepare_block(
     """Activations, reduction and data terms of ``stage``, its input through ``replaced``,
     reduced by ``reduction`` (e.g. another chain's, to share its coordinates) or by one
     fitted here."""
-    from cvxdist.streaming import collect_activations, select_images
+    from cvxdist.streaming import collect_activations, select_images, stream_activations
 
     first, _, last = stage.partition("..")
     last = last or first
@@ -302,20 +306,30 @@ def prepare_block(
     terms: list[TermData] = []
     if "activations" in wanted:
         terms.append(activation_term(rows.reshape(N, L, -1), targets.reshape(N, L, -1)))
-    if "logits" in wanted:
-        logit_ids = select_images(len(train_images), config.max_images, config.seed)
-        if np.array_equal(logit_ids, fit_ids):
-            all_rows, pooled = rows.reshape(N, L, -1), acts.targets.mean(axis=1)
+    for kind in ("logits", "gauss-newton"):
+        if kind not in wanted:
+            continue
+        cap = config.max_images
+        if cap is None and kind == "gauss-newton":
+            cap = GAUSS_NEWTON_IMAGES
+        ids = select_images(len(train_images), cap, config.seed)
+        if np.array_equal(ids, fit_ids):
+            term = _downstream_term(kind, rows.reshape(N, L, -1), acts, reduction, linear)
         else:
-            all_rows, pooled = _reduced_pass(
-                teacher, train_images, first, last, logit_ids, reduction, stream_args
+            chunks = stream_activations(
+                teacher,
+                train_images,
+                first,
+                last,
+                image_ids=ids,
+                jacobian=kind == "gauss-newton",
+                **stream_args,
             )
-        terms.append(logit_term(all_rows, pooled, linear[0], reduction))
-        info["logit_images"] = len(all_rows)
-    if "gauss-newton" in wanted:
-        terms.append(
-            gauss_newton_term(rows.reshape(N, L, -1), acts.targets, acts.jacobian, reduction)
-        )
+            term = concatenate_terms(
+                [_downstream_term(kind, None, chunk, reduction, linear) for chunk in chunks]
+            )
+        terms.append(term)
+        info[f"{kind}_images"] = term.num_groups
     if objective == "mixed":
         terms = normalise(terms, config.logit_weight)
     skip = config.skip and identified(terms, rows.shape[1] + 1)
@@ -355,29 +369,21 @@ def _row_info(
     }
 
 
-def _reduced_pass(
-    teacher: Teacher,
-    images: np.ndarray,
-    first: str,
-    last: str,
-    image_ids: np.ndarray,
+def _downstream_term(
+    kind: str,
+    rows: np.ndarray | None,
+    acts: Any,
     reduction: Reduction,
-    stream_args: dict[str, Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reduced rows ``(N, L, d')`` and the block targets' spatial means ``(N, C)`` of many
-    images, one chunk at a time (the raw patches of all images are never held)."""
-    from cvxdist.streaming import stream_activations
-
-    rows, pooled = [], []
-    for chunk in stream_activations(
-        teacher, images, first, last, image_ids=image_ids, **stream_args
-    ):
-        flat = chunk.rows.reshape(-1, chunk.rows.shape[-1])
-        rows.append(
-            reduction.rows(flat).astype(np.float32).reshape(len(chunk), chunk.locations, -1)
-        )
-        pooled.append(chunk.targets.mean(axis=1))
-    return np.concatenate(rows), np.concatenate(pooled)
+    linear: tuple[np.ndarray, np.ndarray] | None,
+) -> TermData:
+    """The ``logits`` or ``gauss-newton`` term of the images of ``acts`` (their reduced rows
+    ``rows``, computed here when ``None``)."""
+    if rows is None:
+        flat = acts.rows.reshape(-1, acts.rows.shape[-1])
+        rows = reduction.rows(flat).astype(np.float32).reshape(len(acts), acts.locations, -1)
+    if kind == "logits":
+        return logit_term(rows, acts.targets.mean(axis=1), linear[0], reduction)
+    return gauss_newton_term(rows, acts.targets, acts.jacobian, reduction)
 
 
 def _kept(targets: np.ndarray, basis: np.ndarray) -> float:
