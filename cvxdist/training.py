@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,8 +68,16 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.epochs < 1 or self.batch_size < 1 or self.width <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.width < math.inf:
             raise UserError("epochs, batch size and width must be positive")
+        if self.seed < 0:
+            raise UserError(f"the seed must be >= 0, got {self.seed}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise UserError(f"the learning rate must be a finite positive number, got {self.lr}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise UserError(
+                f"the weight decay must be a finite number >= 0, got {self.weight_decay}"
+            )
         lr = self.lr
         if lr is None:
             lr = 0.1 * self.batch_size / 128 if self.optimizer == "sgd" else 2e-3

@@ -106,8 +106,10 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import check_output_dir
     from cvxdist.errors import UserError
 
+    check_output_dir(args.out)
     module = load_benchmark(args.benchmark)
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")

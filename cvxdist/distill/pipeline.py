@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,6 +90,14 @@ class DistillConfig:
             raise UserError(f"max_params must be positive, got {self.max_params}")
         if self.max_rows < 1:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
+        if self.max_iters < 1:
+            raise UserError(f"max_iters must be at least 1, got {self.max_iters}")
+        if not 0 < self.tol < 1:
+            raise UserError(f"tol (a relative duality gap) must be in (0, 1), got {self.tol}")
+        if not 0 <= self.agreement_tol <= 1:
+            raise UserError(f"agreement_tol must be in [0, 1], got {self.agreement_tol}")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UserError(f"kernel size must be a positive odd number, got {self.kernel_size}")
         if self.channel_dim is not None and self.channel_dim < 1:
@@ -510,10 +520,15 @@ def _save_stage(cache_dir: str | os.PathLike | None, key: str, student: BlockStu
     from cvxdist.distill.io import save_students
 
     folder = Path(cache_dir) / f"stage-{key}"
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_students(tmp, [student], {"key": key})
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_students(tmp, [student], {"key": key})
+        if folder.exists():  # an unreadable entry that was just recomputed
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # the entry appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclasses.dataclass

@@ -157,13 +157,23 @@ def run_distill(args: argparse.Namespace) -> int:
         "stages": [{"stage": s.stage, **s.report} for s in students],
     }
     with staged_output(args.out) as tmp:
-        save_students(tmp, students, {"teacher": teacher.name, "cut": cut, "to": last})
+        save_students(tmp, students, _student_meta(teacher, cut, last))
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         _plot_distill(result, tmp / "plot.png")
     summary = {k: result[k] for k in ("accuracy", "teacher_accuracy", "agreement")}
     summary.update(block_params=result["block_params"], compression=result["compression"])
     print(json.dumps(summary))
     return 0
+
+
+def _student_meta(teacher: Any, cut: str, to: str) -> dict[str, Any]:
+    """What ``student.json`` records of the teacher (``evaluate`` checks the checkpoint)."""
+    return {
+        "teacher": teacher.name,
+        "teacher_sha256": teacher.checkpoint_sha256,
+        "cut": cut,
+        "to": to,
+    }
 
 
 def _json(value: Any) -> Any:
@@ -179,14 +189,21 @@ def _json(value: Any) -> Any:
 def run_evaluate(args: argparse.Namespace) -> int:
     from cvxdist.distill.io import load_students
     from cvxdist.distill.pipeline import evaluate_spliced
+    from cvxdist.teachers import load_teacher
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
     students, info = load_students(args.student)
+    expected = info.get("teacher_sha256")
+    if expected and load_teacher(info["teacher"]).checkpoint_sha256 != expected:
+        raise UserError(
+            f"{args.student} was distilled from another checkpoint than teacher "
+            f"{info['teacher']!r} (its teacher.msgpack changed or was replaced)"
+        )
     teacher, train, test = load_teacher_and_data(info["teacher"], args.dataset, args.data_dir)
     data = test if args.split == "test" else train
     images, labels = data.images, data.labels
     if args.limit is not None:
-        if args.limit < 1:
-            raise UserError(f"--limit must be at least 1, got {args.limit}")
         images, labels = images[: args.limit], labels[: args.limit]
     metrics = evaluate_spliced(teacher, students, info["cut"], info["to"], images, labels)
     print(json.dumps({"teacher": teacher.name, "cut": info["cut"], "to": info["to"], **metrics}))
@@ -293,7 +310,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if note:
         _say(False, f"cvxdist demo: {note}")
     settings = _demo_settings(args.quick, name == DEMO_FALLBACK)
-    per_class = args.samples_per_class or settings["samples_per_class"]
+    per_class = args.samples_per_class
+    if per_class is None:  # (0 is bad input, refused by _subset, not "the default")
+        per_class = settings["samples_per_class"]
     subset = _subset(train, per_class, args.seed)
     cut = _default_cut(teacher)
     distill_keys = (
@@ -367,7 +386,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "adam": {k: v for k, v in adam.items() if k != "history"},
     }
     with staged_output(args.out) as tmp:
-        save_students(tmp, [convex], {"teacher": teacher.name, "cut": cut, "to": cut})
+        save_students(tmp, [convex], _student_meta(teacher, cut, cut))
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         (tmp / "table.md").write_text(demo_table(result))
     print(demo_table(result))
