@@ -59,6 +59,19 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     return snapshot
 
 
+def without_timings(value: object) -> object:
+    """A JSON-like tree without the entries that measure time (equal across reruns)."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v)
+            for k, v in value.items()
+            if not any(word in k for word in ("time", "latency", "utc", "load_average"))
+        }
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 # A Python prelude for `kill_when_blocked`: `block_after(module, name, calls)` replaces
 # module.name by a wrapper that, once the real function has returned `calls` times, writes
 # the marker file and sleeps (the parent then kills the process), or with before=True

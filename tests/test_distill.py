@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import kill_when_blocked, without_timings
 
 from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
@@ -277,6 +278,38 @@ def test_interrupted_distillation_resumes_from_finished_stages(
     again = []
     distill(teacher, train.images, config, progress=False, cache_dir=tmp_path, log=again.append)
     assert sum("loaded from the cache" in m for m in again) == 2
+
+
+PATH_RUN = ["distill", "--teacher", "digits-cnn", "--cut", "stage3", "--gates", "8"]
+PATH_RUN += ["--samples-per-class", "10", "--max-rows", "600", "--reg", "coupled", "--quiet"]
+PATH_RUN += ["--lam-path", "0.3", "0.1", "0.05", "0.02"]
+
+
+def test_killed_lam_path_resumes_at_the_first_unsolved_lam(tmp_path, monkeypatch, capsys):
+    import cvxdist.solvers
+
+    out = tmp_path / "run"
+    setup = "block_after('cvxdist.distill.pipeline', '_save_solution', 2)"
+    kill_when_blocked(setup, [*PATH_RUN, "--out", str(out)], tmp_path / "marker")
+    assert not (out / "result.json").exists()
+    real, lams = cvxdist.solvers.solve, []
+
+    def counting(problem, lam, **kwargs):
+        lams.append(lam)
+        return real(problem, lam, **kwargs)
+
+    monkeypatch.setattr(cvxdist.solvers, "solve", counting)
+    assert main([*PATH_RUN, "--out", str(out)]) == 0
+    lam_max = json.loads((out / "result.json").read_text())["stages"][0]["lam_max"]
+    np.testing.assert_allclose(lams, [0.05 * lam_max, 0.02 * lam_max])  # only those not saved
+    assert not list((out / "cache").glob("path-*"))  # the finished stage replaced them
+    monkeypatch.setattr(cvxdist.solvers, "solve", real)
+    assert main([*PATH_RUN, "--no-cache", "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    resumed, whole = (
+        json.loads((d / "result.json").read_text()) for d in (out, tmp_path / "whole")
+    )
+    assert without_timings(resumed) == without_timings(whole)
 
 
 def test_head_student_with_polishing(teacher, data):

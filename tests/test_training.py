@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import kill_when_blocked
 
 from cvxdist.cli import main
 from cvxdist.errors import UserError
@@ -130,8 +131,6 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_training_resumes_where_it_stopped(uninterrupted, tmp_path, point):
-    from conftest import kill_when_blocked
-
     full_dir, full_meta, _ = uninterrupted
     committed, setup = KILL_POINTS[point]
     out = tmp_path / "teacher"
