@@ -66,6 +66,7 @@ def without_timings(value: object) -> object:
             k: without_timings(v)
             for k, v in value.items()
             if not any(word in k for word in ("time", "latency", "utc", "load_average"))
+            and not k.endswith(("_s", "_ms"))
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]
