@@ -36,6 +36,7 @@ ALL_SPECS = tuple(spec.name for spec in BANK)
 RTOL = {"float64": 1e-6, "float32": 1e-3, "bf16": 1e-3}
 SOLVE_TOL = {"float64": 1e-9, "float32": 1e-4, "bf16": 1e-4}
 PATH_FRACS = (0.5, 0.1, 0.02)  # solve_batch / solve_path lanes, as fractions of λ_max
+SCREEN_REGS = ("coupled", "nuclear")  # screening with the others: test_screening (CVXPY too)
 
 #: Kinds of composed data terms (DESIGN §2a) that the paths below already support. When the
 #: solver core gains one, add its kind here (or to single rows) and its problems to the bank.
@@ -218,8 +219,8 @@ PATHS = (
     SolvePath("admm", single("admm"), regs=CVXPY_REGS, kinds=("activations", *COMPOSED_KINDS)),
     SolvePath("auto", single("auto"), kinds=("activations", *COMPOSED_KINDS)),
     # Gap-safe screening (phased solves).
-    SolvePath("fista-screen", single("fista", screen=True), ("tall", "skip_bias"), CVXPY_REGS),
-    SolvePath("admm-screen", single("admm", screen=True), ("tall", "skip_bias"), CVXPY_REGS),
+    SolvePath("fista-screen", single("fista", screen=True), ("tall", "skip_bias"), SCREEN_REGS),
+    SolvePath("admm-screen", single("admm", screen=True), ("tall", "skip_bias"), SCREEN_REGS),
     # ADMM's linear solves (cholesky is the default: the "admm" row).
     SolvePath("admm-eigh", single("admm", linear_solver="eigh"), ("skip_bias", "wide")),
     SolvePath("admm-cg", single("admm", linear_solver="cg"), ("skip_bias", "wide")),
