@@ -188,6 +188,13 @@ def train_teacher(
 
     cfg = config.resolved()
     out = Path(out_dir)
+    previous = _committed_run(out)
+    resume = previous is not None and (out / STATE_NAME).is_file()
+    if resume and previous.get("training") != _config_json(cfg):
+        raise UserError(
+            f"{out} holds a training run with a different configuration; "
+            "use another --out or delete it"
+        )
     train = load_dataset(cfg.dataset, "train", data_dir)
     test = load_dataset(cfg.dataset, "test", data_dir)
     channels = train.image_shape[-1]
@@ -209,13 +216,7 @@ def train_teacher(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     elapsed = cpu_elapsed = 0.0
-    previous = _committed_run(out)
-    if previous is not None and (out / STATE_NAME).is_file():
-        if previous.get("training") != _config_json(cfg):
-            raise UserError(
-                f"{out} holds a training run with a different configuration; "
-                "use another --out or delete it"
-            )
+    if resume:
         saved = load_tree(
             out / STATE_NAME,
             {"state": state, "epoch": 0},

@@ -23,7 +23,7 @@ from cvxdist.distill.pipeline import (
     solve_prepared,
 )
 from cvxdist.distill.student import GatedStudent, Reduction, parameter_count, student_from_network
-from cvxdist.mapping import GatedNetwork, predict_convex
+from cvxdist.mapping import GatedNetwork, predict, predict_convex
 from cvxdist.streaming import image_patches
 from cvxdist.teachers import load_teacher
 
@@ -164,6 +164,28 @@ class _TeacherBlock:
     def apply(self, variables, z):
         del variables
         return self.block(self.variables, z)
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_student_block_is_the_gated_network_on_patches_plus_the_shortcut(identity):
+    rng = np.random.default_rng(3)
+    C, d, c = 2, 18, 2  # raw 3×3 patches of 2 channels, 2 output channels (no reduction)
+    net = GatedNetwork(
+        gates=jnp.asarray(rng.standard_normal((d, 3)), jnp.float32),
+        neuron_gate=jnp.asarray([0, 1, 2, 2]),
+        w_in=jnp.asarray(rng.standard_normal((d, 4)), jnp.float32),
+        w_out=jnp.asarray(rng.standard_normal((4, c)), jnp.float32),
+        skip=jnp.asarray(rng.standard_normal((d, c)), jnp.float32),
+        bias=jnp.asarray([0.5, -1.0], jnp.float32),
+    )
+    reduction = Reduction(in_mean=np.zeros(d), in_basis=None, out_mean=np.zeros(c), out_basis=None)
+    module, variables = student_from_network(
+        net, reduction, in_channels=C, out_channels=C, kernel_size=3, stride=1, identity=identity
+    )
+    z = jnp.asarray(rng.standard_normal((2, 5, 5, C)), jnp.float32)
+    rows = np.asarray(image_patches(z, 3, 1)).reshape(-1, d)
+    expected = np.asarray(predict(net, rows)).reshape(z.shape) + (np.asarray(z) if identity else 0)
+    np.testing.assert_allclose(module.apply(variables, z), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_student_parameter_count_by_hand():
@@ -406,7 +428,6 @@ def test_head_student_with_polishing(teacher, data):
 def test_refit_output_undoes_second_layer_shrinkage():
     from cvxdist.distill.pipeline import refit_output
     from cvxdist.mapping import parameter_count as net_params
-    from cvxdist.mapping import predict
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((400, 6)).astype(np.float32)

@@ -52,7 +52,7 @@ shapes = st.sampled_from([(24, 3, 2, 5), (40, 4, 1, 8)])
 
 
 @settings(
-    max_examples=15,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -234,9 +234,9 @@ PATHS = (
     SolvePath(
         "fista-chunk7-recomputed",
         single("fista", {"chunk_rows": 7, "store_masks": False}),
-        ("tall", "skip_bias"),
+        ("skip_bias",),
     ),
-    SolvePath("admm-chunk7", single("admm", {"chunk_rows": 7}), ("tall", "skip_bias")),
+    SolvePath("admm-chunk7", single("admm", {"chunk_rows": 7}), ("skip_bias",)),
     # Rows kept on the host and streamed chunk by chunk.
     SolvePath(
         "fista-streamed", single("fista", {"stream": True, "chunk_rows": 16}), ("skip_bias",)
@@ -248,13 +248,11 @@ PATHS = (
     SolvePath("fista-path", path("fista"), ("skip_bias",), ("coupled", "nuclear")),
     SolvePath("admm-path", path("admm"), ("skip_bias",)),
     # float32 and bf16 GEMMs (certified in float32).
-    SolvePath(
-        "fista-f32", single("fista"), ("tall", "skip_bias"), ("coupled", "nuclear"), "float32"
-    ),
-    SolvePath("admm-f32", single("admm"), ("tall", "skip_bias"), ("coupled", "nuclear"), "float32"),
+    SolvePath("fista-f32", single("fista"), ("tall", "skip_bias"), dtype="float32"),
+    SolvePath("admm-f32", single("admm"), ("skip_bias",), ("coupled", "nuclear"), "float32"),
     SolvePath("auto-f32", single("auto"), ("tall",), dtype="float32"),
-    SolvePath("fista-bf16", single("fista"), ("tall", "skip_bias"), ("coupled", "nuclear"), "bf16"),
-    SolvePath("admm-bf16", single("admm"), ("tall",), dtype="bf16"),
+    SolvePath("fista-bf16", single("fista"), ("tall", "skip_bias"), dtype="bf16"),
+    SolvePath("admm-bf16", single("admm"), ("skip_bias",), ("coupled", "nuclear"), "bf16"),
     # Rows sharded over 4 forced host devices (one subprocess runs them all).
     *(
         SolvePath(

@@ -60,11 +60,8 @@ def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, wi
     assert len(cuts) == (6 if model == "resnet18" else 5)
     segments = teacher.segments  # the finest cuts: every block (stage names are their spans)
     assert len(segments) == {"small_cnn": 7, "resnet20": 11, "resnet18": 10}[model]
-    if every:
-        pairs = [(a, b) for i, a in enumerate(segments) for b in segments[i:]]
-    else:
-        pairs = [(a, a) for a in segments]
-    pairs += [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+    pairs = [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+    pairs += [(a, b) for i, a in enumerate(segments) for b in segments[i:] if every or a == b]
 
     @jax.jit  # all pairs in one compilation (the plain functions are what gets jitted)
     def compose_all(v, x):

@@ -127,14 +127,60 @@ KILL_POINTS = {
         "c.write_atomic = half\n",
     ),
 }
+# Each SIGKILL costs a fresh process (imports, compilation): by default only the first; the
+# in-process test below leaves the files of the two others and resumes from them.
+SLOW_POINTS = ("metadata-committed", "half-written-state")
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
+@pytest.mark.parametrize(
+    "point",
+    [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_POINTS else p for p in KILL_POINTS],
+)
 def test_killed_training_resumes_where_it_stopped(uninterrupted, tmp_path, point):
-    full_dir, full_meta, _ = uninterrupted
     committed, setup = KILL_POINTS[point]
     out = tmp_path / "teacher"
     kill_when_blocked(setup, [*CONFIG_ARGS, "--out", str(out)], tmp_path / "marker")
+    _resume_and_compare(out, committed, uninterrupted)
+
+
+@pytest.mark.parametrize("point", SLOW_POINTS)
+def test_interrupted_training_leaves_files_a_rerun_resumes_from(
+    uninterrupted, tmp_path, monkeypatch, point
+):
+    import cvxdist.training as training
+
+    out, real = tmp_path / "teacher", training.save_teacher
+    calls = []
+
+    def interrupt_after_the_metadata(*args, **kwargs):  # epoch 2's, before the state moves
+        meta = real(*args, **kwargs)
+        calls.append(meta)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return meta
+
+    def interrupt_after_epoch_1(epoch, record):
+        raise KeyboardInterrupt
+
+    if point == "metadata-committed":
+        monkeypatch.setattr(training, "save_teacher", interrupt_after_the_metadata)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(
+            CONFIG,
+            out,
+            progress=False,
+            on_epoch_end=interrupt_after_epoch_1 if point == "half-written-state" else None,
+        )
+    monkeypatch.setattr(training, "save_teacher", real)
+    if point == "half-written-state":  # what a kill while writing the next state leaves
+        pending = out / training.PENDING_STATE_NAME
+        pending.write_bytes(b"\x85\xa5state")
+        pending.with_name(pending.name + ".tmp").write_bytes(b"\x85\xa5sta")
+    _resume_and_compare(out, KILL_POINTS[point][0], uninterrupted)
+
+
+def _resume_and_compare(out, committed, uninterrupted):
+    full_dir, full_meta, _ = uninterrupted
     partial = json.loads((out / "teacher.json").read_text())
     assert partial["epochs_done"] == committed and not partial["complete"]
     resumed = []
