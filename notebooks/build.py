@@ -291,7 +291,7 @@ def distill_block() -> nbformat.NotebookNode:
                 """
                 from IPython.display import Markdown, display
 
-                from cvxdist.distill.pipeline import spliced_predict
+                from cvxdist.distill import spliced_predict
 
                 reference = teacher.predict(test.images).argmax(-1)
                 lines = [
@@ -318,7 +318,7 @@ def distill_block() -> nbformat.NotebookNode:
             ),
             code(
                 """
-                from cvxdist.distill.pipeline import evaluate_spliced
+                from cvxdist.distill import evaluate_spliced
 
                 evaluate_spliced(teacher, [convex], cut, None, test.images, test.labels)
                 """
@@ -340,7 +340,7 @@ def distill_block() -> nbformat.NotebookNode:
 
                 rest, held = holdout_split(subset, 0.2, seed=0)
                 fracs = (0.2, 0.02) if TINY else (0.3, 0.1, 0.05, 0.02, 0.01, 0.005)
-                gates, path, _ = solve_block(block.rows, block.targets, config, fracs, False)
+                gates, path, _ = solve_block(block, config, fracs, False)
                 reference = teacher.predict(held.images).argmax(-1)
                 sizes, agreements = [], []
                 for solution in path:
@@ -395,7 +395,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 from cvxdist.commands.bench import benchmarks_root, load_benchmark
 
                 TINY = os.environ.get("CVXDIST_TINY") == "1"
-                harness = load_benchmark("distill")  # benchmarks/distill.py of the checkout
+                harness = load_benchmark("distill")  # benchmarks/distill/ of the checkout
                 OUT = Path(tempfile.mkdtemp(prefix="bench-distill-"))
                 """
             ),
@@ -403,9 +403,10 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 """
                 ## A tiny grid
 
-                One seed, the digits teacher, E3 only: the convex solver run to a series of
-                duality-gap tolerances against Adam's loss curve, compilation excluded. The full
-                grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
+                One seed, the digits teacher, E3's first part only: the convex solver run to a
+                series of duality-gap tolerances against Adam's loss curve, compilation excluded
+                (`e3_lam_path=()` leaves out the second part, test accuracy against wall time).
+                The full grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
                 `harness.quick_grid()`.
                 """
             ),
@@ -418,8 +419,9 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                     seeds=(0,),
                     e3_methods=("relu-adam",),
                     e3_adam_steps=100 if TINY else 1000,
+                    e3_lam_path=(),
                 )
-                payload = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                payload = harness.run_grid(OUT, grid, ["E3"], log=print)
                 print(payload["computed"], "points computed,", payload["reused"], "reused")
                 """
             ),
@@ -439,7 +441,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
             ),
             code(
                 """
-                again = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                again = harness.run_grid(OUT, grid, ["E3"], log=print)
                 assert again["computed"] == 0, again["computed"]
                 """
             ),

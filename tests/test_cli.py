@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tree_snapshot
+from test_data import _write_idx_folder
 
 from cvxdist.teachers.teacher import CHECKPOINT_NAME, SHIPPED_DIR
 
@@ -142,6 +143,10 @@ def _not_npz(workspace: Path) -> None:
 
 def _without_g(workspace: Path) -> None:
     _problem(workspace, G=None)
+
+
+def _idx_folder(workspace: Path) -> None:
+    _write_idx_folder(workspace, n_train=12, n_test=4)  # 5×6 images, not digits' 8×8
 
 
 def _corrupt_json(run: Path) -> None:
@@ -267,9 +272,10 @@ CASES = (
     bad("distill-unknown-reg", DISTILL + " --reg lasso", "invalid choice: 'lasso'"),
     bad("distill-no-dataset-files", DISTILL + " --dataset mnist --data-dir {ws}", "mnist"),
     bad(
-        "distill-wrong-dataset",
-        DISTILL + " --dataset fashion_mnist",
+        "distill-wrong-image-shape",
+        DISTILL + " --dataset idx --data-dir {ws}",
         "takes images of shape (8, 8, 1)",
+        _idx_folder,
     ),
     bad("distill-out-is-a-file", DISTILL.replace("{out}", "{file}"), NOT_A_FOLDER),
     bad("distill-read-only", DISTILL.replace("{out}", "{ro}/run"), READ_ONLY),
@@ -291,15 +297,21 @@ CASES = (
     ),
     bad(
         "evaluate-other-teacher",
-        "evaluate {ws}/run",
-        "distilled from another checkpoint",
-        _run_copy(_edit_json("student.json", teacher="fashion-resnet20")),
+        "evaluate {ws}/run --teacher fashion-resnet20",
+        "is not the one",
+        _run_copy(),
     ),
     bad(
-        "evaluate-missing-teacher",
+        "evaluate-changed-checkpoint",
         "evaluate {ws}/run",
-        "no teacher 'gone'",
-        _run_copy(_edit_json("student.json", teacher="gone")),
+        "is not the one",
+        _run_copy(_edit_json("student.json", teacher_sha256="0" * 64)),
+    ),
+    bad(
+        "evaluate-teacher-gone",
+        "evaluate {ws}/run",
+        "which is gone",
+        _run_copy(_edit_json("student.json", teacher_path="/nonexistent/teacher")),
     ),
     bad("evaluate-zero-limit", "evaluate {ws}/run --limit 0", "--limit " + AT_LEAST_1, _run_copy()),
     bad(
@@ -374,6 +386,9 @@ CASES = (
     ),
     bad("demo-out-is-a-file", DEMO.replace("{out}", "{file}"), NOT_A_FOLDER),
     bad("demo-read-only", DEMO.replace("{out}", "{ro}/demo"), READ_ONLY),
+    # ---- data
+    bad("data-fetch-unknown", "data fetch nosuch", "cannot fetch 'nosuch'"),
+    bad("data-unknown-action", "data forget", "invalid choice: 'forget'"),
     # ---- bench
     bad("bench-unknown", "bench nosuch --out {out}", "invalid choice: 'nosuch'"),
     bad("bench-zero-repeats", "bench distill --repeats 0 --out {out}", "--repeats " + AT_LEAST_1),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -10,24 +9,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import kill_when_blocked, without_timings
+from test_light_install import HEAVY_MODULES, modules_loaded_by
 
 from cvxdist.cli import main
 from cvxdist.data import load_dataset, samples_per_class
 from cvxdist.distill import DistillConfig, distill, evaluate_spliced, spliced_predict
 from cvxdist.distill.io import load_students
-from cvxdist.distill.pipeline import (
+from cvxdist.distill.objectives import activation_term
+from cvxdist.distill.pipeline import _replaced_input_fn, prepare_block, solve_prepared
+from cvxdist.distill.student import (
     BlockStudent,
-    _replaced_input_fn,
-    collect_rows,
-    prepare_block,
-    solve_prepared,
+    GatedStudent,
+    Reduction,
+    parameter_count,
+    student_from_network,
 )
-from cvxdist.distill.student import GatedStudent, Reduction, parameter_count, student_from_network
 from cvxdist.mapping import GatedNetwork, predict, predict_convex
-from cvxdist.streaming import image_patches
+from cvxdist.streaming import collect_activations, image_patches
 from cvxdist.teachers import load_teacher
 
-TINY = {"gates": 16, "max_rows": 1500, "reg": "coupled", "max_iters": 2000}
+TINY = {
+    "gates": 16,
+    "max_rows": 1500,
+    "reg": "coupled",
+    "max_iters": 2000,
+    "objective": "activations",
+}
 
 
 @pytest.fixture(scope="module")
@@ -237,12 +244,12 @@ def test_one_student_per_block_each_solved_on_the_replaced_prefix(teacher, data)
     assert [s.module.identity for s in students] == [True, False, True]
     # stage3.block1's rows are patches of what the stage2.block2 *student* outputs
     images, v = train.images[:20], teacher.variables
-    every_location = dataclasses.replace(config, max_rows=10**6)
     input_fn = _replaced_input_fn(teacher, config.cut, students[:1])
-    rows, _, info = collect_rows(teacher, images, "stage3.block1", input_fn, every_location, False)
+    acts = collect_activations(teacher, images, "stage3.block1", input_fn=input_fn)
+    rows, _ = acts.flat_rows()
     via_student = students[0](teacher.cut_functions("stage2.block2").prefix(v, images))
     via_teacher = teacher.cut_functions("stage3.block1").prefix(v, images)
-    stride = info["stride"]
+    stride = students[1].module.stride
     assert len(rows) == len(images) * (-(-via_student.shape[1] // stride)) ** 2
 
     def patch_sum(z):
@@ -252,8 +259,10 @@ def test_one_student_per_block_each_solved_on_the_replaced_prefix(teacher, data)
     assert not np.allclose(rows.sum(0), patch_sum(via_teacher), rtol=1e-2)
     # with the shortcut, the targets are what the teacher's block adds to the student's input
     input_fn = _replaced_input_fn(teacher, config.cut, students[:2])
-    _, targets, info = collect_rows(teacher, images, "stage3.block2", input_fn, every_location)
-    assert info["identity"]
+    acts = collect_activations(
+        teacher, images, "stage3.block2", input_fn=input_fn, identity=True, progress=False
+    )
+    _, targets = acts.flat_rows()
     z = students[1](via_student)
     fns = teacher.cut_functions("stage3.block2")
     y = fns.block(v, fns.prefix(v, images))
@@ -292,11 +301,16 @@ def test_distill_cli_writes_result_and_evaluate_reads_it(tmp_path, capsys):
     assert evaluated["accuracy"] == pytest.approx(result["accuracy"])
 
 
-def test_demo_quick_writes_the_contract(tmp_path, capsys):
+def test_demo_quick_writes_the_contract(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
-    assert "| teacher |" in capsys.readouterr().out
-    _check_demo(out, "digits-cnn", "digits", max_drop=0.1)
+    # In a fresh interpreter, to see that the demo never imports TensorFlow (nor torch).
+    argv = ["demo", "--quick", "--quiet", "--out", str(out)]
+    done, loaded = modules_loaded_by(f"from cvxdist.cli import main\nrc = main({argv!r})")
+    assert done.returncode == 0, done.stderr
+    assert "jax" in loaded and not loaded & set(HEAVY_MODULES)
+    assert "| teacher |" in done.stdout
+    result = _check_demo(out, "digits-cnn", "digits", max_drop=0.1)
+    assert result["students"][0]["block_params"] <= result["teacher_block_params"] / 4
 
 
 @pytest.mark.slow  # ~2 CPU minutes (10k test images, three times); covered by the digits demo
@@ -305,8 +319,7 @@ def test_fashion_mnist_demo_at_reduced_size(tmp_path, capsys):
     args = ["demo", "--teacher", "fashion-resnet20", "--quick", "--quiet", "--out", str(out)]
     assert main(args) == 0
     assert "fashion_mnist" in capsys.readouterr().out
-    # 200 images and 32 gates: 0.79 (convex) and 0.81 (Adam) against the teacher's 0.9327
-    _check_demo(out, "fashion-resnet20", "fashion_mnist", max_drop=0.2)
+    _check_demo(out, "fashion-resnet20", "fashion_mnist", max_drop=0.3)
 
 
 def _check_demo(out, teacher_name, dataset, max_drop):
@@ -330,6 +343,7 @@ def _check_demo(out, teacher_name, dataset, max_drop):
         assert row["time_s"] > 0
     # the two students are matched by parameter count (within one hidden unit)
     assert abs(convex["block_params"] - relu["block_params"]) <= 0.05 * convex["block_params"]
+    return result
 
 
 def test_interrupted_distillation_resumes_from_finished_stages(
@@ -426,7 +440,7 @@ def test_head_student_with_polishing(teacher, data):
 
 
 def test_refit_output_undoes_second_layer_shrinkage():
-    from cvxdist.distill.pipeline import refit_output
+    from cvxdist.distill.refit import refit_output
     from cvxdist.mapping import parameter_count as net_params
 
     rng = np.random.default_rng(0)
@@ -441,8 +455,8 @@ def test_refit_output_undoes_second_layer_shrinkage():
     )
     Y = np.asarray(predict(true, X))
     shrunk = true._replace(w_out=0.3 * true.w_out, skip=0.3 * true.skip, bias=0.0 * true.bias)
-    refit, info = refit_output(shrunk, X, Y, ridge=1e-10)
-    assert info["train_rel_err_after"] < 1e-8 < info["train_rel_err_before"]
+    refit, info = refit_output(shrunk, [activation_term(X[:, None], Y[:, None])], ridge=1e-10)
+    assert info["train_rel_objective_after"] < 1e-8 < info["train_rel_objective_before"]
     np.testing.assert_allclose(np.asarray(refit.w_out), np.asarray(true.w_out), atol=1e-4)
     np.testing.assert_allclose(np.asarray(refit.bias), np.asarray(true.bias), atol=1e-4)
     assert net_params(refit) == net_params(shrunk)  # same size: only the values change
@@ -455,7 +469,7 @@ def test_refit_flag_keeps_the_student_size(teacher, data, solved):
     refitted = solve_prepared(teacher, block, refit_config, (0.05,), progress=False)
     assert refitted.report["params"] == student.report["params"]
     info = refitted.report["refit"]
-    assert info["train_rel_err_after"] <= info["train_rel_err_before"]
+    assert info["train_rel_objective_after"] <= info["train_rel_objective_before"]
     metrics = evaluate_spliced(teacher, [refitted], "stage3", None, test.images, test.labels)
     assert metrics["accuracy"] >= metrics["teacher_accuracy"] - 0.08
 

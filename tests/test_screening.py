@@ -11,10 +11,10 @@ from problem_bank import BANK, BANK_BY_NAME, CVXPY_REGS, build, cvxpy_reference,
 
 from cvxdist import operators
 from cvxdist.cli import main
-from cvxdist.phases import solve_phased
 from cvxdist.problems import lam_max, make_problem, restrict_gates
 from cvxdist.screening import bucket_size, operator_norm_bounds, screen
 from cvxdist.solvers import RESULTS, make_solver, solve
+from cvxdist.solvers.phases import solve_phased
 
 # At this λ a good part of the bank's gates is zero at the optimum.
 LAM_FRAC = 0.3
@@ -23,7 +23,8 @@ LAM_FRAC = 0.3
 def test_operator_norm_bounds_are_upper_bounds(x64):
     spec = BANK[0]
     X, _, G = spec.arrays()
-    bounds = np.asarray(operator_norm_bounds(build(spec)))
+    # Bounds on ||C^{1/2} A_i|| with C = 1/N: the data fit's metric.
+    bounds = np.asarray(operator_norm_bounds(build(spec))) * np.sqrt(X.shape[0])
     masks = X @ G >= 0
     exact = np.array([np.linalg.norm(X * masks[:, [i]], 2) for i in range(G.shape[1])])
     frobenius = np.sqrt(masks.T.astype(float) @ np.sum(X * X, axis=1))

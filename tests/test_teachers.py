@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cvxdist.cli import main
-from cvxdist.data import FASHION_MNIST_DIR, load_dataset
+from cvxdist.data import find_dataset_folder, load_dataset
 from cvxdist.teachers import (
     ArchConfig,
     CheckpointError,
@@ -230,8 +230,8 @@ def test_teacher_list_prints_shipped_teachers_as_json_lines(capsys):
 def test_each_shipped_teacher_reaches_its_recorded_test_accuracy(name):
     """The full test split, in jitted batches; the result must equal teacher.json's."""
     teacher = load_teacher(name)
-    if teacher.dataset == "fashion_mnist" and not FASHION_MNIST_DIR.exists():
-        pytest.skip("dataset-fashion-mnist is not installed")
+    if teacher.dataset == "fashion_mnist" and find_dataset_folder("fashion_mnist") is None:
+        pytest.skip("Fashion-MNIST is not there: `make test` fetches it (`cvxdist data fetch`)")
     test = load_dataset(teacher.dataset, "test")
     accuracy = teacher.accuracy(test.images, test.labels, batch_size=1000)
     assert accuracy == pytest.approx(teacher.info["test_accuracy"], abs=2e-4)
