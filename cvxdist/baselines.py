@@ -405,13 +405,15 @@ def relu_block_student(
     budget: int,
     config: AdamConfig,
     *,
-    skip: bool = True,
+    skip: bool | None = None,
     progress: bool = False,
     keep_params: bool = False,
 ) -> Any:
-    """Learned-ReLU student of ``block`` (a PreparedBlock) with about ``budget`` parameters."""
+    """Learned-ReLU student of ``block`` (a PreparedBlock) with about ``budget`` parameters
+    (with the linear skip when the convex student has one, unless ``skip`` says otherwise)."""
     from cvxdist.distill.student import BlockStudent
 
+    skip = block.skip if skip is None else skip
     hidden = relu_hidden_for(block, budget, skip)
     params, report = train_relu_head(
         block.terms,

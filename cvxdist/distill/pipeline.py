@@ -49,6 +49,7 @@ from cvxdist.distill.objectives import (
     convex_problem,
     gauss_newton_term,
     head_basis,
+    identified,
     linear_head,
     logit_term,
     normalise,
@@ -241,6 +242,8 @@ class PreparedBlock:
         row_info: shapes, kernel size, stride, locations per image, identity.
         terms: the objective's data terms (:class:`~cvxdist.distill.objectives.TermData`).
         objective: the objective's name.
+        skip: whether the student has the unregularized linear skip (``config.skip``, unless
+            the data cannot identify it: see :func:`~cvxdist.distill.objectives.identified`).
     """
 
     stage: str
@@ -250,6 +253,7 @@ class PreparedBlock:
     row_info: dict[str, Any]
     terms: list[TermData]
     objective: str = "activations"
+    skip: bool = True
 
 
 def prepare_block(
@@ -324,8 +328,9 @@ def prepare_block(
         )
     if objective == "mixed":
         terms = normalise(terms, config.logit_weight)
-    info.update(rows=len(rows), fit_images=N, objective=objective)
-    return PreparedBlock(stage, rows, targets, reduction, info, terms, objective)
+    skip = config.skip and identified(terms, rows.shape[1] + 1)
+    info.update(rows=len(rows), fit_images=N, objective=objective, skip=skip)
+    return PreparedBlock(stage, rows, targets, reduction, info, terms, objective, skip)
 
 
 def _row_info(
@@ -414,7 +419,7 @@ def solve_block(
     gates = sample_gates(
         jax.random.key(config.seed), block.rows, config.gates, kind=config.gate_kind, noise=0.05
     )
-    problem = convex_problem(block.terms, gates, skip=config.skip)
+    problem = convex_problem(block.terms, gates, skip=block.skip)
     solver = choose_solver(problem) if config.solver == "auto" else config.solver
     reg = get_regularizer(config.reg)
     lmax = float(lam_max(problem, reg))
@@ -676,6 +681,12 @@ def solve_prepared(
         build_student(s, gates, block.reduction, block.row_info, block.stage, refit)
         for s in solutions
     ]
+    if refit is not None and not all(
+        c.report.get("refit", {}).get("applied", True) for c in candidates
+    ):
+        log(
+            f"{block.stage}: too few images to identify the refitted output layer; kept the solve's"
+        )
     path_report: list[dict[str, Any]] = []
     pick = 0
     if len(candidates) > 1:
@@ -756,7 +767,7 @@ def polish(
     if kept.size == 0:
         return solution, {"gates": gates, "kept_gates": 0}
     sub_gates = gates[:, kept]
-    problem = convex_problem(block.terms, sub_gates, skip=config.skip)
+    problem = convex_problem(block.terms, sub_gates, skip=block.skip)
     # λ on the scale of the group-lasso part (λ_max of ``coupled``), so α and the ridge
     # weight are comparable to the selection solve rather than inflated by 1/α.
     lam = config.polish_lam_frac * float(lam_max(problem, Coupled()))

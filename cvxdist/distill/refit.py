@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.distill.objectives import TermData
+from cvxdist.distill.objectives import TermData, identified
 from cvxdist.mapping import GatedNetwork, gated_hidden
 
 
@@ -78,9 +78,12 @@ def refit_output(
     Returns the new network and the objective (relative to the zero model's) before and after.
     """
     if net.num_neurons == 0:
-        return net, {"ridge": ridge, "skipped": "no neuron"}
+        return net, {"ridge": ridge, "applied": False, "reason": "no neuron"}
     K, c = net.w_out.shape
     d = net.w_in.shape[0]
+    unknowns = K + (d if net.skip is not None else 0) + 1
+    if not identified(terms, unknowns):
+        return net, {"ridge": ridge, "applied": False, "reason": "too few images"}
     gram, moments = 0.0, 0.0
     for term in terms:
         g, m = _normal_equations(net, term, chunk)
@@ -99,6 +102,7 @@ def refit_output(
     zero = objective_value(None, terms)
     return refit, {
         "ridge": ridge,
+        "applied": True,
         "train_rel_objective_before": before / max(zero, 1e-30),
         "train_rel_objective_after": after / max(zero, 1e-30),
     }

@@ -347,7 +347,7 @@ def run_demo(args: argparse.Namespace) -> int:
         block.terms,
         hidden,
         AdamConfig(steps=settings["adam_steps"], seed=args.seed),
-        skip=config.skip,
+        skip=block.skip,
         progress=not quiet,
     )
     module, variables = relu_student_variables(
