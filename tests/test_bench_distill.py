@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
+from conftest import kill_when_blocked, without_timings
 
 from cvxdist.cli import main
 from cvxdist.commands import bench as bench_command
@@ -226,6 +228,31 @@ def test_a_half_written_record_is_recomputed_and_only_it(first_run, harness, mon
     assert payload["computed"] == 1 and payload["reused"] == 5
     assert len(calls) == 1 and calls[0]["to"] == "head"
     assert json.loads(e4.read_text())["complete"]
+
+
+def test_killed_grid_resumes_without_redoing_finished_points(first_run, harness, tmp_path):
+    # `cvxdist bench distill` (its quick grid replaced by the tiny one) killed by SIGKILL once
+    # its first point is recorded; the rerun computes only the others, and every record is
+    # the uninterrupted run's (timings aside).
+    _, _, uninterrupted = first_run
+    out = tmp_path / "bench"
+    setup = f"""
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_bench_distill
+from cvxdist.commands.bench import load_benchmark
+h = load_benchmark("distill")
+h.quick_grid = lambda: test_bench_distill._tiny(h)
+block_after("benchmarks.distill.records", "write_json", 1)
+"""
+    argv = ["bench", "distill", "--quick", "--only", "E3", "E4", "--out", str(out)]
+    kill_when_blocked(setup, argv, tmp_path / "marker")
+    assert len(list((out / "records").iterdir())) == 1
+    payload = harness.run_grid(out, _tiny(harness), ["E3", "E4"], log=lambda _: None)
+    expected = {r["key"]: r for r in uninterrupted["records"] if r["experiment"] in ("E3", "E4")}
+    assert (payload["computed"], payload["reused"]) == (len(expected) - 1, 1)
+    assert {r["key"]: without_timings(r) for r in payload["records"]} == {
+        key: without_timings(r) for key, r in expected.items()
+    }
 
 
 def test_an_interrupted_grid_is_reportable_and_resumes(harness, tmp_path, monkeypatch):

@@ -119,8 +119,10 @@ def _attach(name: str, parser: argparse.ArgumentParser) -> None:
 
 def _runner(module: Benchmark) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        from cvxdist.distill.io import check_output_dir
         from cvxdist.errors import UserError
 
+        check_output_dir(args.out)
         if args.repeats is not None and args.repeats < 1:
             raise UserError(f"--repeats must be at least 1, got {args.repeats}")
         if args.report_only:

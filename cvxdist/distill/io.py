@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -86,9 +87,13 @@ def save_students(
     """Write the students of one distillation into ``directory``."""
     directory = Path(directory)
     payload = {str(i): s.variables for i, s in enumerate(students)}
-    (directory / STUDENT_WEIGHTS).write_bytes(serialization.msgpack_serialize(_np(payload)))
+    weights = serialization.msgpack_serialize(_np(payload))
+    (directory / STUDENT_WEIGHTS).write_bytes(weights)
     info = {
         **meta,
+        # student.json is written last and names the weights it goes with: a folder whose
+        # files come from two different runs (an interrupted copy) is refused, not trusted.
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "stages": [
             {"stage": s.stage, "module": _module_settings(s.module), "report": s.report}
             for s in students
@@ -180,8 +185,12 @@ def load_students(directory: Path) -> tuple[list[BlockStudent], dict[str, Any]]:
         )
     try:
         info = json.loads(json_path.read_text())
-        payload = serialization.msgpack_restore(weights_path.read_bytes())
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
+        raw = weights_path.read_bytes()
+        expected = info.get("weights_sha256")
+        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+            raise ValueError(f"{STUDENT_WEIGHTS} does not match {STUDENT_JSON} (truncated?)")
+        payload = serialization.msgpack_restore(raw)
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as err:
         raise UserError(f"{directory}: corrupt student files ({err})") from None
     classes = {"GatedStudent": GatedStudent, "ReluStudent": ReluStudent}
     students = []

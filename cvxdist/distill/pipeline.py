@@ -30,6 +30,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,6 +118,14 @@ class DistillConfig:
             raise UserError(f"max_params must be positive, got {self.max_params}")
         if self.max_rows < 1:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
+        if self.max_iters < 1:
+            raise UserError(f"max_iters must be at least 1, got {self.max_iters}")
+        if not 0 < self.tol < 1:
+            raise UserError(f"tol (a relative duality gap) must be in (0, 1), got {self.tol}")
+        if not 0 <= self.agreement_tol <= 1:
+            raise UserError(f"agreement_tol must be in [0, 1], got {self.agreement_tol}")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.max_images is not None and self.max_images < 1:
             raise UserError(f"max_images must be positive, got {self.max_images}")
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -398,13 +408,19 @@ def solve_block(
     config: DistillConfig,
     lam_fracs: Sequence[float],
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[Any], dict[str, Any]]:
     """Gates and one solution per λ fraction of the block's objective (warm-started path,
-    largest λ first)."""
+    largest λ first).
+
+    With ``cache_dir``, each solution is saved there as soon as it is certified and a rerun
+    loads the ones already there, warm-starting the rest from the last of them: an
+    interrupted path resumes at the first λ not solved, with the same results.
+    """
     from cvxdist.gates import sample_gates
     from cvxdist.problems import lam_max
     from cvxdist.prox import get_regularizer
-    from cvxdist.solvers import choose_solver, solve_path
+    from cvxdist.solvers import choose_solver, solve
 
     gates = sample_gates(
         jax.random.key(config.seed), block.rows, config.gates, kind=config.gate_kind, noise=0.05
@@ -414,15 +430,25 @@ def solve_block(
     reg = get_regularizer(config.reg)
     lmax = float(lam_max(problem, reg))
     start = time.perf_counter()
-    solutions = solve_path(
-        problem,
-        lam_fracs=list(lam_fracs),
-        reg=reg,
-        solver=solver,
-        tol=config.tol,
-        max_iters=config.max_iters,
-        progress=progress,
-    )
+    solutions: list[Any] = []
+    from tqdm.auto import tqdm
+
+    for frac in tqdm(sorted(lam_fracs, reverse=True), "λ path", disable=not progress, leave=False):
+        saved = None if cache_dir is None else Path(cache_dir) / f"lam-{float(frac)!r}.npz"
+        solution = _load_solution(saved)
+        if solution is None:
+            init = solutions[-1].weights.U if solutions else None
+            solution = solve(
+                problem,
+                float(frac) * lmax,
+                reg=reg,
+                solver=solver,
+                tol=config.tol,
+                max_iters=config.max_iters,
+                init=init,
+            )
+            _save_solution(saved, solution)
+        solutions.append(solution)
     info = {
         "fitted_to": block.objective,
         "terms": [
@@ -439,6 +465,45 @@ def solve_block(
         "outputs": int(block.terms[0].output_width),
     }
     return gates, solutions, info
+
+
+def _save_solution(path: Path | None, solution: Any) -> None:
+    """One solve's weights, result code and statistics, written atomically (npz)."""
+    if path is None:
+        return
+    from cvxdist.solvers import SolveStats
+
+    arrays = {"result": np.asarray(jax.tree.leaves(solution.result)[0])}
+    for name, value in zip(("U", "V", "b"), solution.weights):
+        if value is not None:
+            arrays[name] = np.asarray(value)
+    for name in SolveStats._fields:
+        arrays[f"stats.{name}"] = np.asarray(getattr(solution.stats, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_solution(path: Path | None) -> Any:
+    """A solution saved by :func:`_save_solution`, or None (absent or unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    from cvxdist.solvers import RESULTS, Solution, SolveStats, Weights
+
+    try:
+        with np.load(path) as data:
+            arrays = {key: np.asarray(data[key]) for key in data.files}  # dtypes as saved
+    except (OSError, ValueError, EOFError):
+        return None  # recomputed
+    weights = Weights(arrays["U"], arrays.get("V"), arrays.get("b"))
+    result = jax.tree.unflatten(jax.tree.structure(RESULTS.successful), [arrays["result"]])
+    stats = SolveStats(**{name: arrays[f"stats.{name}"] for name in SolveStats._fields})
+    return Solution(weights, result, stats)
 
 
 def _solution_report(solution: Any) -> dict[str, Any]:
@@ -517,8 +582,9 @@ def distill(
     among students within an equal share of the budget the stages before it left.
 
     With ``cache_dir``, every finished stage is saved there under a key of the teacher
-    checkpoint, the images, the settings and the stages before it; a rerun after an
-    interruption loads the finished stages instead of solving them again.
+    checkpoint, the images, the settings and the stages before it, and so is every solved λ
+    of the stage in progress; a rerun after an interruption loads the finished stages and λs
+    instead of solving them again.
     """
     stages = stages_of(teacher, config.cut, config.to, config.per_block)
     if len(train_images) == 0:
@@ -544,10 +610,13 @@ def distill(
             left = config.max_params - sum(s.report["params"] for s in students)
             share = max(1, left // (len(stages) - index))
             stage_config = dataclasses.replace(config, max_params=share)
+        path_cache = None if cache_dir is None else Path(cache_dir) / f"path-{key}"
         student = solve_prepared(
-            teacher, block, stage_config, fracs, students, holdout_images, progress, log
+            teacher, block, stage_config, fracs, students, holdout_images, progress, log, path_cache
         )
         _save_stage(cache_dir, key, student)
+        if path_cache is not None:  # the finished stage replaces its λ solutions
+            shutil.rmtree(path_cache, ignore_errors=True)
         students.append(student)
     return students
 
@@ -587,10 +656,15 @@ def _save_stage(cache_dir: str | os.PathLike | None, key: str, student: BlockStu
     from cvxdist.distill.io import save_students
 
     folder = Path(cache_dir) / f"stage-{key}"
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_students(tmp, [student], {"key": key})
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_students(tmp, [student], {"key": key})
+        if folder.exists():  # an unreadable entry that was just recomputed
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # the entry appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def solve_prepared(
@@ -602,10 +676,12 @@ def solve_prepared(
     holdout_images: np.ndarray | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> BlockStudent:
-    """Solve a prepared stage (one λ, or a path with label-free selection)."""
+    """Solve a prepared stage (one λ, or a path with label-free selection); ``cache_dir``
+    keeps each solved λ (see :func:`solve_block`)."""
     log = log or (lambda _: None)
-    gates, solutions, solve_info = solve_block(block, config, lam_fracs, progress)
+    gates, solutions, solve_info = solve_block(block, config, lam_fracs, progress, cache_dir)
     refit = (block.terms, config.refit_ridge) if config.refit else None
     candidates = [
         build_student(s, gates, block.reduction, block.row_info, block.stage, refit)

@@ -191,14 +191,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from cvxdist.distill.evaluation import evaluate_spliced
     from cvxdist.distill.io import load_students, resolve_run_teacher
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
     students, info = load_students(args.student)
     teacher = resolve_run_teacher(args.student, args.teacher)
     teacher, train, test = load_teacher_and_data(teacher, args.dataset, args.data_dir)
     data = test if args.split == "test" else train
     images, labels = data.images, data.labels
     if args.limit is not None:
-        if args.limit < 1:
-            raise UserError(f"--limit must be at least 1, got {args.limit}")
         images, labels = images[: args.limit], labels[: args.limit]
     metrics = evaluate_spliced(teacher, students, info["cut"], info["to"], images, labels)
     print(json.dumps({"teacher": teacher.name, "cut": info["cut"], "to": info["to"], **metrics}))
@@ -309,7 +309,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if note:
         _say(False, f"cvxdist demo: {note}")
     settings = _demo_settings(args.quick, name == DEMO_FALLBACK)
-    per_class = args.samples_per_class or settings["samples_per_class"]
+    per_class = args.samples_per_class
+    if per_class is None:  # (0 is bad input, refused by _subset, not "the default")
+        per_class = settings["samples_per_class"]
     subset = _subset(train, per_class, args.seed)
     cut = _default_cut(teacher)
     distill_keys = (
