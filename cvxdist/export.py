@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 from cvxdist.teachers.checkpoint import write_atomic
 from cvxdist.teachers.teacher import Teacher
 
@@ -40,21 +40,12 @@ class ExportError(UserError, RuntimeError):
     """The network cannot be exported, or the export does not reproduce it."""
 
 
-def run_teacher(info: dict[str, Any], override: str | None = None) -> Teacher:
-    """The teacher of a run folder: ``override`` (a name or folder), else the one the run
-    records (today its name; `cvxdist.distill.io.resolve_run_teacher`, which also checks the
-    recorded path and SHA-256, replaces this lookup when it lands)."""
-    from cvxdist.teachers import load_teacher
-
-    return load_teacher(override or info["teacher"])
-
-
 def load_run(
     run_dir: str | os.PathLike, teacher: str | None = None
 ) -> tuple[Teacher, list[Any], str, str | None]:
     """``(teacher, students, cut, to)`` of a finished run folder (written by ``distill`` or
     ``demo``); one-line `UserError` for an unfinished or corrupt one."""
-    from cvxdist.distill.io import load_students
+    from cvxdist.distill.io import load_students, resolve_run_teacher
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -62,7 +53,6 @@ def load_run(
     try:
         students, info = load_students(run_dir)
         cut, to = info["cut"], info.get("to")
-        info["teacher"]
     except UserError as err:
         raise UserError(f"{err} (an unfinished or corrupt run?)") from None
     except (KeyError, TypeError, ValueError) as err:
@@ -71,7 +61,7 @@ def load_run(
         ) from None
     if not students:
         raise UserError(f"{run_dir}: the run holds no students")
-    resolved = run_teacher(info, teacher)
+    resolved = resolve_run_teacher(run_dir, teacher)  # the recorded one, SHA-256 checked
     _check_coverage(resolved, students, cut, to)
     return resolved, students, cut, to
 
@@ -102,7 +92,7 @@ def network_function(
     """``images (N, H, W, C) -> logits (N, classes)``: the teacher, or with ``students``
     (`BlockStudent` s, in order) its blocks ``cut..to`` replaced (weights closed over; not
     jitted, see `to_onnx_model`)."""
-    from cvxdist.distill.pipeline import chain
+    from cvxdist.distill.evaluation import spliced_forward
 
     variables = teacher.variables
     if not students:
@@ -110,9 +100,9 @@ def network_function(
         return lambda x: whole.block(variables, x)
     if cut is None:
         raise ValueError("a cut is needed to splice students")
-    fns = teacher.cut_functions(cut, to, jit=False)
-    run_students, student_vars = chain(students), [s.variables for s in students]
-    return lambda x: fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
+    forward = spliced_forward(teacher, cut, to, students, jit=False)
+    state = (variables, [s.variables for s in students])
+    return lambda x: forward(state, x)
 
 
 def to_onnx_model(

@@ -38,15 +38,36 @@ the problem dtype whatever the precision. Sharded rows need nothing here (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-if TYPE_CHECKING:
-    from cvxdist.problems import GatedReluProblem
+
+class GatedRows(Protocol):
+    """The fields of :class:`cvxdist.problems.GatedRows` the operators read."""
+
+    X: Array  # (K, n, d), in host memory when ``stream``
+    G: Array  # (d, P)
+    masks: Array | None  # (K, n, P) booleans, or None (recomputed per chunk)
+    valid: Array | None  # (K, n) 1/0 row weights of padded rows
+    gram_pinv: Array | None  # pseudo-inverse of the skip/bias Gram matrix
+    gate_mask: Array | None  # (P,) live gates
+    num_rows: int
+    skip: bool
+    bias: bool
+    precision: str
+    stream: bool
+
+    @property
+    def num_chunks(self) -> int: ...
+    @property
+    def num_gates(self) -> int: ...
+    @property
+    def num_features(self) -> int: ...
 
 
 try:  # jax >= 0.6
@@ -55,7 +76,7 @@ except AttributeError:  # pragma: no cover - older jax
     _DEVICE_MEMORY = jax.sharding.TransferToMemoryKind("device")
 
 
-def chunk_masks(problem: GatedReluProblem, X_chunk: Array, mask_chunk: Array | None) -> Array:
+def chunk_masks(problem: GatedRows, X_chunk: Array, mask_chunk: Array | None) -> Array:
     """Boolean masks ``(n, P)`` of one chunk, stored or recomputed from ``X_chunk @ G``.
 
     Gates switched off by ``problem.gate_mask`` get an all-``False`` column.
@@ -66,7 +87,7 @@ def chunk_masks(problem: GatedReluProblem, X_chunk: Array, mask_chunk: Array | N
     return masks
 
 
-def matmul(problem: GatedReluProblem, a: Array, b: Array) -> Array:
+def matmul(problem: GatedRows, a: Array, b: Array) -> Array:
     """``a @ b`` with the problem's GEMM precision; the result has the operands' dtype.
 
     ``"bf16"`` rounds both operands to bfloat16 and accumulates in float32
@@ -81,11 +102,11 @@ def matmul(problem: GatedReluProblem, a: Array, b: Array) -> Array:
     return jnp.matmul(a, b, precision=precision)
 
 
-def _chunk_inputs(problem: GatedReluProblem) -> tuple[Array, Array | None]:
+def _chunk_inputs(problem: GatedRows) -> tuple[Array, Array | None]:
     return problem.X, problem.masks
 
 
-def to_device(problem: GatedReluProblem, X: Array) -> Array:
+def to_device(problem: GatedRows, X: Array) -> Array:
     """``X`` (all of it or a chunk) in device memory: a host→device copy when streaming.
 
     Works eagerly and under ``jit`` (where a host array is typed ``f32<host>`` and cannot
@@ -94,7 +115,7 @@ def to_device(problem: GatedReluProblem, X: Array) -> Array:
     return jax.device_put(X, _DEVICE_MEMORY) if problem.stream else X
 
 
-def _fetching(problem: GatedReluProblem, fn: Callable) -> Callable:
+def _fetching(problem: GatedRows, fn: Callable) -> Callable:
     """``fn`` with its ``X_k`` argument copied to device memory first when streaming."""
     if not problem.stream:
         return fn
@@ -105,7 +126,7 @@ def _fetching(problem: GatedReluProblem, fn: Callable) -> Callable:
     return fetched
 
 
-def map_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
+def map_chunks(problem: GatedRows, fn: Callable, *chunked: Array | None) -> Array:
     """Apply ``fn(X_k, M_k, *args_k)`` to every chunk; outputs stacked along axis 0."""
     X, masks = _chunk_inputs(problem)
     fn = _fetching(problem, fn)
@@ -115,7 +136,7 @@ def map_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) 
     return lax.map(lambda args: fn(*args), (X, masks, *chunked))
 
 
-def sum_chunks(problem: GatedReluProblem, fn: Callable, *chunked: Array | None) -> Array:
+def sum_chunks(problem: GatedRows, fn: Callable, *chunked: Array | None) -> Array:
     """Sum of ``fn(X_k, M_k, *args_k)`` over chunks, accumulated (never stacked)."""
     X, masks = _chunk_inputs(problem)
     fn = _fetching(problem, fn)
@@ -141,7 +162,7 @@ def gate_first(num_features: int, num_gates: int, num_outputs: int) -> bool:
     return num_features * num_outputs + num_gates < num_gates * num_outputs
 
 
-def forward(problem: GatedReluProblem, U: Array) -> Array:
+def forward(problem: GatedRows, U: Array) -> Array:
     """:math:`A(U)`: the gated part of the prediction, shape ``(K, n, c)``."""
     P, d, c = U.shape
     if gate_first(d, P, c):
@@ -164,7 +185,7 @@ def forward(problem: GatedReluProblem, U: Array) -> Array:
     return map_chunks(problem, chunk)
 
 
-def adjoint(problem: GatedReluProblem, R: Array) -> Array:
+def adjoint(problem: GatedRows, R: Array) -> Array:
     """:math:`A^T(R)` for residuals ``R (K, n, c)``; returns ``(P, d, c)``."""
     P = problem.num_gates
     c = R.shape[-1]
@@ -187,7 +208,7 @@ def adjoint(problem: GatedReluProblem, R: Array) -> Array:
     return jnp.transpose(flat.reshape(d, P, c), (1, 0, 2))
 
 
-def _unregularized_features(problem: GatedReluProblem, X_k: Array) -> Array:
+def _unregularized_features(problem: GatedRows, X_k: Array) -> Array:
     """Columns of the unregularized part for one chunk: ``[X_k, 1]``, ``X_k`` or ``1``."""
     parts = []
     if problem.skip:
@@ -197,37 +218,84 @@ def _unregularized_features(problem: GatedReluProblem, X_k: Array) -> Array:
     return jnp.concatenate(parts, axis=1)
 
 
-def fit_unregularized(problem: GatedReluProblem, R: Array) -> Array:
+def unregularized_forward(problem: GatedRows, beta: Array) -> Array:
+    """``[X 1] β`` (the enabled columns), ``(K, n, c)``, zero on padding rows."""
+
+    def chunk(X_k: Array, M_k: Array | None, valid_k: Array | None) -> Array:
+        del M_k
+        fitted = _unregularized_features(problem, X_k) @ beta
+        return fitted if valid_k is None else fitted * valid_k[:, None]
+
+    return map_chunks(problem, chunk, problem.valid)
+
+
+def unregularized_adjoint(problem: GatedRows, R: Array) -> Array:
+    """``[X 1]ᵀ R`` over the real rows, ``(d + 1, c)`` (the enabled columns)."""
+
+    def chunk(X_k: Array, M_k: Array | None, R_k: Array, valid_k: Array | None) -> Array:
+        del M_k
+        if valid_k is not None:
+            R_k = R_k * valid_k[:, None]
+        return _unregularized_features(problem, X_k).T @ R_k
+
+    return sum_chunks(problem, chunk, R, problem.valid)
+
+
+def fit_unregularized(problem: GatedRows, R: Array) -> Array:
     """Least-squares coefficients ``beta`` of the skip/bias columns for residual ``R``.
 
     Returns ``beta`` of shape ``(d + 1, c)`` (skip rows first, bias last; only the parts
-    that are enabled). Padded rows carry zero residual, so they do not bias the fit.
+    that are enabled).
     """
-
-    def chunk(X_k: Array, M_k: Array | None, R_k: Array) -> Array:
-        del M_k
-        return _unregularized_features(problem, X_k).T @ R_k
-
-    moments = sum_chunks(problem, chunk, R)
-    return problem.gram_pinv @ moments
+    return problem.gram_pinv @ unregularized_adjoint(problem, R)
 
 
-def project_out_unregularized(problem: GatedReluProblem, R: Array) -> tuple[Array, Array | None]:
+def project_out_unregularized(problem: GatedRows, R: Array) -> tuple[Array, Array | None]:
     """:math:`P_\\perp R` and the fitted skip/bias coefficients (``None`` without them)."""
     if not (problem.skip or problem.bias):
         return R, None
     beta = fit_unregularized(problem, R)
-
-    def chunk(X_k: Array, M_k: Array | None, R_k: Array, valid_k: Array | None) -> Array:
-        del M_k
-        fitted = _unregularized_features(problem, X_k) @ beta
-        if valid_k is not None:
-            fitted = fitted * valid_k[:, None]
-        return R_k - fitted
-
-    return map_chunks(problem, chunk, R, problem.valid), beta
+    return R - unregularized_forward(problem, beta), beta
 
 
-def residual(problem: GatedReluProblem, U: Array) -> tuple[Array, Array | None]:
+def residual(problem: GatedRows, U: Array) -> tuple[Array, Array | None]:
     """:math:`r(U) = P_\\perp(Y - A(U))`, shape ``(K, n, c)``, and the skip/bias fit."""
     return project_out_unregularized(problem, problem.Y - forward(problem, U))
+
+
+def split_unregularized(problem: GatedRows, beta: Array | None) -> tuple[Any, Any]:
+    """Skip ``V (d, c)`` and bias ``b (c,)`` from the stacked least-squares coefficients."""
+    if beta is None:
+        return None, None
+    d = problem.num_features
+    V = beta[:d] if problem.skip else None
+    b = beta[-1] if problem.bias else None
+    return V, b
+
+
+def rounding_guard(dtype: Any) -> float:
+    """Relative rounding guard of safe bounds and tests: √eps of the dtype."""
+    return math.sqrt(float(jnp.finfo(dtype).eps))
+
+
+def gate_norm_bounds(problem: GatedRows) -> Array:
+    """Upper bounds on ``‖A_i‖₂ = ‖D_i X‖₂`` for every gate, shape ``(P,)``.
+
+    ``min(‖D_i X‖_F, ‖X‖₂)``, inflated by a ``√eps`` rounding guard; dead gates
+    (``gate_mask`` False) get 0. One pass over the rows, GEMMs at full precision. (Power
+    iterations would converge from below: not safe.) ``‖X‖₂`` is the tighter of the two
+    except for gates that fire on very few rows.
+    """
+    highest = lax.Precision.HIGHEST
+
+    def chunk(X_k: Array, M_k: Array | None) -> tuple[Array, Array]:
+        masks = chunk_masks(problem, X_k, M_k).astype(X_k.dtype)
+        row_sq = jnp.sum(X_k * X_k, axis=1)
+        return jnp.matmul(row_sq, masks, precision=highest), jnp.matmul(
+            X_k.T, X_k, precision=highest
+        )
+
+    fro_sq, gram = sum_chunks(problem, chunk)
+    spectral_sq = jnp.linalg.eigvalsh(gram)[-1]
+    bound_sq = jnp.minimum(fro_sq, spectral_sq) * (1.0 + rounding_guard(problem.X.dtype))
+    return jnp.sqrt(jnp.maximum(bound_sq, 0.0))

@@ -11,15 +11,12 @@ Rows :math:`a_j \in R^d` (``X``, ``N × d``), targets :math:`y_j \in R^c` (``Y``
 with ``U`` of shape ``(P, d, c)``; the linear skip ``V`` and bias ``b`` are optional and
 unregularized (eliminated by projection, see :mod:`cvxdist.operators`).
 
-Duality gap. With :math:`\tilde Y = P_\perp Y` and :math:`r = P_\perp(Y - A(U))`, the dual is
-
-.. math::
-
-    D(w) = \langle w, \tilde Y\rangle - \frac{N}{2}\|w\|^2 - (\lambda R)^*(A^T w),
-
-and the dual point is the scaled residual :math:`w = s\, r / N`, with :math:`s` the best
-feasible scaling. The relative gap :math:`(F(U) - D(w)) / F(U)` bounds the relative
-suboptimality of ``U``.
+The data fit is :class:`cvxdist.datafit.Quadratic` with the single scale ``1/N``; the
+objective, dual point and duality gap are those of :mod:`cvxdist.duality`, which sees this
+class only through the methods of its :class:`~cvxdist.duality.Problem` interface
+(``forward``, ``adjoint``, ``project``, ``residual``, ``gradient``, …). Composed data terms
+(pooled rows, a fixed head, per-group Jacobians, weighted sums) are in
+:mod:`cvxdist.composed`.
 
 Static vs traced: array shapes, the chunking, whether masks are stored, whether the skip
 and bias exist, where the rows live (``stream``) and the GEMM ``precision`` are static (they
@@ -54,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
@@ -63,7 +60,17 @@ import numpy as np
 from jax import Array
 
 from cvxdist import operators, sharding
-from cvxdist.prox import Regularizer
+from cvxdist.datafit import Quadratic
+from cvxdist.duality import (  # noqa: F401  (re-exported: the historical home of these)
+    Certificate,
+    Evaluation,
+    certify,
+    correlation,
+    dual_scaling,
+    evaluate,
+    lam_max,
+    target_energy,
+)
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -152,6 +159,88 @@ class GatedReluProblem(eqx.Module):
         Y = self.Y.reshape(-1, self.num_outputs)[: self.num_rows]
         return X, Y
 
+    # ------------------------------------------------ the Problem interface (cvxdist.duality)
+    @property
+    def targets(self) -> Array:
+        """``Y (K, n, c)``: what the prediction is fitted to."""
+        return self.Y
+
+    @property
+    def datafit(self) -> Quadratic:
+        """``½ ||r||² / N``."""
+        return Quadratic((1.0 / self.num_rows,))
+
+    def forward(self, U: Array) -> Array:
+        """:math:`A(U)`, ``(K, n, c)``."""
+        return operators.forward(self, U)
+
+    def adjoint(self, R: Array) -> Array:
+        """:math:`A^T(R)`, ``(P, d, c)``."""
+        return operators.adjoint(self, R)
+
+    def project(self, R: Array) -> tuple[Array, Array | None]:
+        """:math:`P_\\perp R` and the skip/bias coefficients fitted to ``R``."""
+        return operators.project_out_unregularized(self, R)
+
+    def residual(self, U: Array) -> tuple[Array, Array | None]:
+        """:math:`r = P_\\perp(Y - A(U))` and the skip/bias fit."""
+        return operators.residual(self, U)
+
+    def gradient(self, r: Array) -> Array:
+        """Gradient of the data term from the projected residual: :math:`-A^T(r)/N`."""
+        return -operators.adjoint(self, r) / self.num_rows
+
+    def with_precision(self, precision: str) -> GatedReluProblem:
+        """The same problem (same arrays, no copy) with another GEMM precision."""
+        if precision == self.precision:
+            return self
+        return dataclasses.replace(self, precision=precision)
+
+    def split_unregularized(self, beta: Array | None) -> tuple[Any, Any]:
+        """Skip ``V (d, c)`` and bias ``b (c,)`` from the stacked least-squares coefficients."""
+        return operators.split_unregularized(self, beta)
+
+    def with_exact_projection(self) -> GatedReluProblem:
+        """The problem with its skip/bias Gram pseudo-inverse recomputed from its own rows in
+        float64 (e.g. after an upcast, :mod:`cvxdist.solvers.polish`)."""
+        if self.gram_pinv is None:
+            return self
+        gram_pinv = unregularized_gram_pinv(self).astype(self.dtype)
+        return dataclasses.replace(self, gram_pinv=gram_pinv)
+
+    def restrict_gates(self, index: np.ndarray, size: int) -> GatedReluProblem:
+        """The problem on the gates ``index`` only, padded with dead gates to ``size`` gates.
+
+        Rows, targets and their chunking are shared (no copy of ``X``); ``G`` and stored masks
+        are gathered. The padding gates have ``gate_mask = False``: their mask column is zero,
+        so their weights get a zero gradient and stay zero from a zero start.
+
+        Args:
+            index: ``(p,)`` host integer array of gate indices, ``p ≤ size``.
+            size: the number of gates of the result (static; bucket it to limit recompiles).
+        """
+        take, live = padded_index(index, size)
+        G, masks, gate_mask = _gather_gates(self.G, self.masks, self.gate_mask, take, live)
+        return dataclasses.replace(self, G=G, masks=masks, gate_mask=gate_mask)
+
+    def gate_norm_bounds(self) -> Array:
+        """Upper bounds on :math:`\\|A_i\\|_2 / \\sqrt N` per gate, ``(P,)`` (the operator
+        norms in the data fit's metric, as gap-safe screening needs them)."""
+        return self.operator_norms() / math.sqrt(self.num_rows)
+
+    # ------------------------------------- as the row operator of a composed data term
+    def operator_norms(self) -> Array:
+        """Upper bounds on :math:`\\|A_i\\|_2` per gate, ``(P,)``."""
+        return operators.gate_norm_bounds(self)
+
+    def unregularized_forward(self, beta: Array) -> Array:
+        """``[X 1] β``, ``(K, n, c)``."""
+        return operators.unregularized_forward(self, beta)
+
+    def unregularized_adjoint(self, R: Array) -> Array:
+        """``[X 1]ᵀ R``, ``(d + 1, c)`` (the enabled columns)."""
+        return operators.unregularized_adjoint(self, R)
+
 
 def _as_2d(name: str, array: np.ndarray) -> np.ndarray:
     if array.ndim == 1 and name == "Y":
@@ -187,6 +276,22 @@ def validate_arrays(X: object, Y: object, G: object) -> tuple[np.ndarray, np.nda
             f"G must have shape (d, P) with d = {X.shape[1]} (the columns of X), got {G.shape}"
         )
     return X, Y, G
+
+
+def problem_dtype(X: np.ndarray, dtype: jnp.dtype | str | None) -> jnp.dtype:
+    """The float dtype of a problem with rows ``X``: ``dtype``, or X's float dtype as JAX
+    canonicalizes it (float64 becomes float32 unless x64 is enabled).
+
+    Raises:
+        ValueError: float64 asked for while x64 is disabled.
+    """
+    if dtype is None:
+        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+        dtype = jax.dtypes.canonicalize_dtype(floating)
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    return dtype
 
 
 def default_chunk_rows(num_rows: int, num_gates: int, num_outputs: int) -> int:
@@ -232,12 +337,7 @@ def make_problem(
         ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size or options.
     """
     X, Y, G = validate_arrays(X, Y, G)
-    if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
-        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
-        dtype = jax.dtypes.canonicalize_dtype(floating)
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    dtype = problem_dtype(X, dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if stream and store_masks:
@@ -316,121 +416,22 @@ def _unregularized_gram_pinv(
     return np.linalg.pinv(gram, rcond=1e-10, hermitian=True).astype(dtype)
 
 
-class Evaluation(NamedTuple):
-    """Primal and dual quantities of the problem at one ``U``."""
-
-    primal: Array  # F(U)
-    dual: Array  # D(w) at the scaled-residual dual point
-    rel_gap: Array  # (F - D) / F
-    loss: Array  # data term 1/(2N)||r||^2
-    penalty: Array  # R(U) (without λ)
+def restrict_gates(problem: Any, index: np.ndarray, size: int) -> Any:
+    """``problem.restrict_gates(index, size)``: the problem on the gates ``index`` only,
+    padded with dead gates (``gate_mask`` False) to ``size`` gates (static: bucket it)."""
+    return problem.restrict_gates(index, size)
 
 
-def evaluate(
-    problem: GatedReluProblem,
-    reg: Regularizer,
-    lam: Array,
-    U: Array,
-    r: Array,
-    grad: Array,
-) -> Evaluation:
-    """Objective, dual objective and relative duality gap at ``U``.
-
-    Args:
-        r: projected residual :math:`P_\\perp(Y - A(U))`, ``(K, n, c)``.
-        grad: gradient of the data term at ``U``, :math:`-A^T(r)/N`, ``(P, d, c)``.
-    """
-    N = problem.num_rows
-    loss = 0.5 * jnp.sum(r * r) / N
-    penalty = reg.value(U)
-    primal = loss + lam * penalty
-    # D(s r / N) = s <r, Ỹ>/N - s² ||r||²/(2N) - (λR)*(-s grad), and <r, Ỹ> = <r, Y> because
-    # r is already projected. For norms, the best s in [0, s_max] has a closed form.
-    linear = jnp.sum(r * problem.Y) / N
-    s = _dual_scaling(reg, lam, grad, linear, loss)
-    dual = s * linear - s * s * loss - reg.conjugate(s * grad, lam)
-    floor = jnp.finfo(primal.dtype).eps * 0.5 * jnp.sum(problem.Y * problem.Y) / N
-    rel_gap = jnp.maximum(primal - dual, 0.0) / jnp.maximum(primal, floor)
-    return Evaluation(primal, dual, rel_gap, loss, penalty)
-
-
-def _dual_scaling(reg: Regularizer, lam: Array, grad: Array, linear: Array, loss: Array) -> Array:
-    """The scaling ``s`` of the dual point ``w = s r / N`` (see :func:`evaluate`)."""
-    if reg.finite_conjugate:
-        return jnp.ones((), loss.dtype)
-    s_best = linear / jnp.where(loss > 0, 2.0 * loss, 1.0)
-    return jnp.clip(s_best, 0.0, reg.dual_scale(grad, lam))
-
-
-def dual_scaling(
-    problem: GatedReluProblem, reg: Regularizer, lam: Array, r: Array, grad: Array
-) -> Array:
-    """The ``s`` of the dual point ``w = s r / N`` that :func:`evaluate` uses.
-
-    ``Aᵀ w = -s · grad``, so ``-s · grad`` is the dual correlation that gap-safe screening
-    tests (:mod:`cvxdist.screening`).
-    """
-    N = problem.num_rows
-    loss = 0.5 * jnp.sum(r * r) / N
-    linear = jnp.sum(r * problem.Y) / N
-    return _dual_scaling(reg, lam, grad, linear, loss)
-
-
-class Certificate(NamedTuple):
-    """Everything the duality gap at ``U`` is made of (see :func:`certify`)."""
-
-    evaluation: Evaluation
-    residual: Array  # r = P⊥(Y - A(U)), (K, n, c)
-    grad: Array  # -Aᵀ r / N, (P, d, c)
-    beta: Array | None  # skip/bias least-squares coefficients
-    scale: Array  # s of the dual point w = s r / N
-
-
-def with_precision(problem: GatedReluProblem, precision: str) -> GatedReluProblem:
-    """The same problem (same arrays, no copy) with another GEMM precision."""
-    if precision == problem.precision:
-        return problem
-    return dataclasses.replace(problem, precision=precision)
-
-
-@eqx.filter_jit
-def certify(
-    problem: GatedReluProblem, reg: Regularizer, lam: Array, U: Array, precision: str = "highest"
-) -> Certificate:
-    """Residual, gradient and duality gap at ``U``, with ``precision`` GEMMs.
-
-    The default recomputes the certificate with true float32/float64 GEMMs whatever precision
-    the solve used, so the reported gap is honest (``precision`` is static).
-    """
-    problem = with_precision(problem, precision)
-    r, beta = operators.residual(problem, U)
-    grad = -operators.adjoint(problem, r) / problem.num_rows
-    evaluation = evaluate(problem, reg, lam, U, r, grad)
-    scale = dual_scaling(problem, reg, lam, r, grad)
-    return Certificate(evaluation, r, grad, beta, scale)
-
-
-def restrict_gates(problem: GatedReluProblem, index: np.ndarray, size: int) -> GatedReluProblem:
-    """The problem on the gates ``index`` only, padded with dead gates to ``size`` gates.
-
-    Rows, targets and their chunking are shared (no copy of ``X``); ``G`` and stored masks
-    are gathered. The padding gates have ``gate_mask = False``: their mask column is zero, so
-    their weights get a zero gradient and stay zero from a zero start.
-
-    Args:
-        index: ``(p,)`` host integer array of gate indices, ``p ≤ size``.
-        size: the number of gates of the result (static; bucket it to limit recompilations).
-    """
-    index = np.asarray(index, np.int64)
-    if index.ndim != 1 or len(index) > size or len(index) == 0:
-        raise ValueError(f"need 1 ≤ len(index) ≤ size, got {len(index)} and size {size}")
-    take, live = padded_index(index, size)
-    G, masks, gate_mask = _gather_gates(problem.G, problem.masks, problem.gate_mask, take, live)
-    return dataclasses.replace(problem, G=G, masks=masks, gate_mask=gate_mask)
+def with_precision(problem: Any, precision: str) -> Any:
+    """``problem.with_precision(precision)``: the same problem with another GEMM precision."""
+    return problem.with_precision(precision)
 
 
 def padded_index(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """``index`` padded with zeros to ``size`` entries, and the mask of the real ones."""
+    index = np.asarray(index, np.int64)
+    if index.ndim != 1 or len(index) > size or len(index) == 0:
+        raise ValueError(f"need 1 ≤ len(index) ≤ size, got {len(index)} and size {size}")
     take = np.zeros(size, np.int32)
     take[: len(index)] = index
     return take, np.arange(size) < len(index)
@@ -445,23 +446,29 @@ def _gather_gates(
     return G[:, take], None if masks is None else masks[..., take], live
 
 
-def target_projected(problem: GatedReluProblem) -> Array:
-    """:math:`\\tilde Y = P_\\perp Y`, ``(K, n, c)``."""
-    return operators.project_out_unregularized(problem, problem.Y)[0]
+def unregularized_gram_pinv(problem: GatedReluProblem) -> Array | None:
+    """Pseudo-inverse of ``[X 1]ᵀ[X 1]`` (the enabled skip/bias columns) over the real rows of
+    an assembled problem, accumulated chunk by chunk and inverted in float64 (x64 is enabled
+    for this call only); ``None`` without skip or bias.
 
-
-def target_energy(problem: GatedReluProblem) -> Array:
-    """:math:`\\|\\tilde Y\\|^2 / (2N)`: the objective of the zero model."""
-    Y_tilde = target_projected(problem)
-    return 0.5 * jnp.sum(Y_tilde * Y_tilde) / problem.num_rows
-
-
-def correlation(problem: GatedReluProblem) -> Array:
-    """:math:`A^T(\\tilde Y)/N`, ``(P, d, c)``: the negative gradient at ``U = 0``."""
-    return operators.adjoint(problem, target_projected(problem)) / problem.num_rows
+    For problems whose rows are not on this host as one numpy array (rows of several
+    processes, :mod:`cvxdist.multihost`) and for float64 copies of float32 problems
+    (:mod:`cvxdist.solvers.polish`); the result is float64, cast it to the problem's dtype.
+    """
+    if not (problem.skip or problem.bias):
+        return None
+    with jax.enable_x64(True):
+        return _gram_pinv64(problem)
 
 
 @eqx.filter_jit
-def lam_max(problem: GatedReluProblem, reg: Regularizer) -> Array:
-    """Smallest λ at which ``U = 0`` is optimal for ``reg`` (full-precision GEMMs)."""
-    return reg.lam_max(correlation(with_precision(problem, "highest")))
+def _gram_pinv64(problem: GatedReluProblem) -> Array:
+    def chunk(X_k: Array, M_k: Array | None, valid_k: Array | None) -> Array:
+        del M_k
+        features = operators._unregularized_features(problem, X_k).astype(jnp.float64)
+        if valid_k is not None:
+            features = features * valid_k[:, None]
+        return jnp.matmul(features.T, features, precision=jax.lax.Precision.HIGHEST)
+
+    gram = operators.sum_chunks(problem, chunk, problem.valid)
+    return jnp.linalg.pinv(gram, rtol=1e-10, hermitian=True)

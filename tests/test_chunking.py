@@ -13,7 +13,8 @@ from cvxdist import operators
 from cvxdist.cli import main
 from cvxdist.problems import make_problem
 from cvxdist.solvers import solve
-from cvxdist.solvers.api import _solve_core, make_solver
+from cvxdist.solvers.api import make_solver
+from cvxdist.solvers.common import solve_compiled
 
 
 def arrays(N=53, d=5, c=2, P=9, seed=0):
@@ -85,7 +86,7 @@ def test_streamed_solve_moves_one_chunk_at_a_time():
     X, Y, G = arrays(N=64)
     problem = make_problem(X, Y, G, chunk_rows=16, stream=True, skip=True)
     solver = make_solver("fista", "coupled", problem)
-    closed = jax.make_jaxpr(lambda p, U: _solve_core(solver, p, 0.1, U, 1e-3, 50))(
+    closed = jax.make_jaxpr(lambda p, U: solve_compiled(solver, p, 0.1, U, 1e-3, 50))(
         problem, problem.zeros()
     )
     assert closed.jaxpr.invars[0].aval.memory_space == jax.memory.Space.Host

@@ -8,16 +8,17 @@ import struct
 import numpy as np
 import pytest
 
-from cvxdist.cli import UserError, main
+from cvxdist.cli import main
 from cvxdist.data import (
-    FASHION_MNIST_DIR,
     DatasetFormatError,
     DatasetNotFoundError,
+    find_dataset_folder,
     holdout_split,
     load_dataset,
     read_idx,
     samples_per_class,
 )
+from cvxdist.errors import UserError
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -125,8 +126,8 @@ def test_unknown_dataset_and_split_are_rejected():
 
 
 @pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="dataset-fashion-mnist is not installed",
+    find_dataset_folder("fashion_mnist") is None,
+    reason="Fashion-MNIST is not there: `make test` fetches it (`cvxdist data fetch`)",
 )
 def test_fashion_mnist_default_location():
     test = load_dataset("fashion_mnist", "test")

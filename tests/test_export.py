@@ -142,33 +142,18 @@ def test_only_images_at_a_gate_boundary_may_differ():
     assert not check["ok"] and check["max_abs_diff_continuous"] == 1.0
 
 
-def _one_line_error(capsys, args, message):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+def test_students_that_do_not_cover_the_cut_are_refused(run_dir):
+    """Bad input to the command is in tests/test_cli.py; here, a run folder whose students do
+    not cover its teacher's blocks exactly (another teacher's layout, or a student missing)."""
+    from cvxdist.export import ExportError, _check_coverage
 
-
-def test_export_bad_input(run_dir, tmp_path, capsys):
-    out = tmp_path / "out" / "model.onnx"
-    base = ["export", "--out", str(out)]
-    _one_line_error(capsys, [*base, str(run_dir), "--format", "tflite"], "unknown format 'tflite'")
-    _one_line_error(capsys, [*base, str(tmp_path / "nope")], "does not exist")
-    unfinished = tmp_path / "unfinished"
-    (unfinished / "cache").mkdir(parents=True)  # what an interrupted distill leaves
-    _one_line_error(capsys, [*base, str(unfinished)], "unfinished or corrupt")
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    for name in ("student.json", "student.msgpack"):
-        (corrupt / name).write_bytes((run_dir / name).read_bytes())
-    (corrupt / "student.msgpack").write_bytes(b"\x00garbage")
-    _one_line_error(capsys, [*base, str(corrupt)], "corrupt")
-    (corrupt / "student.json").write_text("{")
-    _one_line_error(capsys, [*base, str(corrupt)], "corrupt")
-    # students of another teacher's blocks
-    _one_line_error(
-        capsys, [*base, str(run_dir), "--teacher", "fashion-resnet20"], "do not fit teacher"
-    )
-    assert not out.parent.exists()
+    students, info = load_students(run_dir)
+    cut, to = info["cut"], info["to"]
+    _check_coverage(load_teacher("digits-cnn"), students, cut, to)
+    with pytest.raises(ExportError, match=r"do not cover its stage2\.\.stage3 exactly"):
+        _check_coverage(load_teacher("fashion-resnet20"), students, cut, to)
+    with pytest.raises(ExportError, match="do not cover"):
+        _check_coverage(load_teacher("digits-cnn"), students[:-1], cut, to)
 
 
 def test_imported_pytorch_teacher_goes_through_distill_evaluate_and_export(

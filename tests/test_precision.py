@@ -11,10 +11,10 @@ import pytest
 
 from cvxdist import operators
 from cvxdist.cli import main
-from cvxdist.phases import exact_gemms
 from cvxdist.problems import certify, lam_max, make_problem, with_precision
 from cvxdist.prox import Coupled
 from cvxdist.solvers import solve, solve_batch
+from cvxdist.solvers.phases import exact_gemms
 
 
 def arrays(N=400, d=12, c=2, P=48, seed=0):

@@ -7,42 +7,24 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problem_bank import BANK, BANK_BY_NAME, CVXPY_REGS, ELASTIC_ALPHA, cvxpy_reference
+from problem_bank import BANK, BANK_BY_NAME, CVXPY_REGS, build, cvxpy_reference, regularizer
 
 from cvxdist import operators
 from cvxdist.cli import main
-from cvxdist.phases import solve_phased
 from cvxdist.problems import lam_max, make_problem, restrict_gates
-from cvxdist.prox import GroupElastic, get_regularizer
 from cvxdist.screening import bucket_size, operator_norm_bounds, screen
 from cvxdist.solvers import RESULTS, make_solver, solve
+from cvxdist.solvers.phases import solve_phased
 
 # At this λ a good part of the bank's gates is zero at the optimum.
 LAM_FRAC = 0.3
 
 
-def build(spec, dtype="float64"):
-    X, Y, G = spec.arrays()
-    return make_problem(
-        X,
-        Y,
-        G,
-        skip=spec.skip,
-        bias=spec.bias,
-        chunk_rows=spec.chunk_rows,
-        store_masks=spec.store_masks,
-        dtype=dtype,
-    )
-
-
-def regularizer(name):
-    return GroupElastic(alpha=ELASTIC_ALPHA) if name == "group_elastic" else get_regularizer(name)
-
-
 def test_operator_norm_bounds_are_upper_bounds(x64):
     spec = BANK[0]
     X, _, G = spec.arrays()
-    bounds = np.asarray(operator_norm_bounds(build(spec)))
+    # Bounds on ||C^{1/2} A_i|| with C = 1/N: the data fit's metric.
+    bounds = np.asarray(operator_norm_bounds(build(spec))) * np.sqrt(X.shape[0])
     masks = X @ G >= 0
     exact = np.array([np.linalg.norm(X * masks[:, [i]], 2) for i in range(G.shape[1])])
     frobenius = np.sqrt(masks.T.astype(float) @ np.sum(X * X, axis=1))

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
     from cvxdist.cli import main
     from cvxdist.problems import make_problem
     from cvxdist.solvers import SOLVERS, solve
-    from cvxdist.solvers.api import _solve_core, make_solver
+    from cvxdist.solvers.api import make_solver
+    from cvxdist.solvers.common import solve_compiled
 
     rng = np.random.default_rng(0)
     N, d, c, P = 150, 6, 2, 12
@@ -68,7 +69,9 @@ SCRIPT = textwrap.dedent(
     # The compiled FISTA program: row reductions are all-reduces, X is never gathered.
     many = make_problem(X, Y, G, chunk_rows=40, devices=8, skip=True, bias=True)
     fista = make_solver("fista", "coupled", many)
-    lowered = _solve_core.lower(fista, many, jnp.float32(0.1), many.zeros(), jnp.float32(1e-3), 100)
+    lowered = solve_compiled.lower(
+        fista, many, jnp.float32(0.1), many.zeros(), jnp.float32(1e-3), 100
+    )
     hlo = lowered.lowered.compile().as_text()
     out["collectives"] = {op: hlo.count(op + "(") for op in
                           ("all-reduce", "all-gather", "all-to-all", "collective-permute")}

@@ -19,9 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", type=Path, help="folder written by `cvxdist distill`")
     parser.add_argument("--format", default="onnx", help="output format: onnx")
-    parser.add_argument("--out", type=Path, required=True, help="output file")
     parser.add_argument(
-        "--teacher", default=None, help="teacher name or folder (default: the run's own)"
+        "--out", type=Path, required=True, help="output file (its folder must exist)"
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="the teacher folder or shipped name (default: the one the run recorded); its "
+        "checkpoint must be the one the run was distilled from (SHA-256)",
     )
     parser.add_argument(
         "--check-images",
@@ -37,22 +43,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
-    from cvxdist.cli import UserError
+    from cvxdist.commands import check_output_file
+    from cvxdist.errors import UserError
     from cvxdist.export import FORMATS, export_onnx, load_run
 
     if args.format not in FORMATS:
         raise UserError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.check_images < 1:
         raise UserError(f"--check-images must be at least 1, got {args.check_images}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name")
+    if not (math.isfinite(args.atol) and args.atol >= 0):
+        raise UserError(f"--atol must be a finite number >= 0, got {args.atol}")
+    check_output_file(args.out, "model.onnx")
     teacher, students, cut, to = load_run(args.run_dir, args.teacher)
     images, source = _check_images(teacher, args.check_images, args.data_dir)
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    record = export_onnx(teacher, students, cut, to, out, check_images=images, atol=args.atol)
+    record = export_onnx(teacher, students, cut, to, args.out, check_images=images, atol=args.atol)
     print(json.dumps({**record, "format": args.format, "checked_on": source}))
     return 0
 
@@ -61,8 +67,8 @@ def _check_images(teacher: Any, count: int, data_dir: str | None) -> tuple[Any, 
     """The first ``count`` test images of the teacher's dataset, else seeded random ones."""
     import numpy as np
 
-    from cvxdist.cli import UserError
     from cvxdist.data import load_dataset
+    from cvxdist.errors import UserError
 
     try:
         test = load_dataset(teacher.dataset, "test", data_dir)

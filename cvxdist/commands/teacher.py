@@ -95,8 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import check_output_dir
     from cvxdist.training import TrainConfig, train_teacher
 
+    check_output_dir(Path(args.out))
     config = TrainConfig(
         model=args.model,
         dataset=args.dataset,
@@ -109,6 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         seed=args.seed,
     )
+    config.resolved()  # checks the settings before the dataset is read
     _check_model(args.model)
     meta = train_teacher(
         config, args.out, data_dir=args.data_dir, progress=not args.quiet, name=args.name
@@ -120,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _check_model(model: str) -> None:
-    from cvxdist.cli import UserError
+    from cvxdist.errors import UserError
     from cvxdist.teachers import MODEL_NAMES
 
     if model not in MODEL_NAMES:
@@ -129,8 +132,12 @@ def _check_model(model: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from cvxdist.data import load_dataset
+    from cvxdist.errors import UserError
     from cvxdist.teachers import load_teacher
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     teacher = load_teacher(args.teacher)
     test = load_dataset(teacher.dataset, "test", args.data_dir)
     if args.limit is not None:
@@ -158,9 +165,13 @@ def run_pack(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cvxdist.data import load_dataset
+    from cvxdist.distill.io import check_output_dir, staged_output
     from cvxdist.teachers import load_teacher, save_teacher
     from cvxdist.teachers.checkpoint import stored_values
+    from cvxdist.teachers.teacher import METADATA_NAME
 
+    out = Path(args.out)
+    check_output_dir(out)
     teacher = load_teacher(args.teacher)
     test = load_dataset(teacher.dataset, "test", args.data_dir)
     stored = stored_values(teacher.variables, args.storage)
@@ -176,8 +187,9 @@ def run_pack(args: argparse.Namespace) -> int:
         source_test_accuracy=teacher.info.get("test_accuracy"),
         source_checkpoint_sha256=teacher.checkpoint_sha256,
     )
-    meta = save_teacher(args.out, teacher.config, stored, info, args.storage)
-    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
+    with staged_output(out) as tmp:
+        meta = save_teacher(tmp, teacher.config, stored, info, args.storage)
+    size = sum((out / name).stat().st_size for name in (meta["checkpoint"], METADATA_NAME))
     keys = ("name", "test_accuracy", "source_test_accuracy", "checkpoint", "checkpoint_sha256")
     print(json.dumps({**{k: meta[k] for k in keys}, "bytes": size}))
     return 0

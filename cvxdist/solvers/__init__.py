@@ -1,6 +1,8 @@
 """Solvers of the gated-ReLU problem, all run by one bounded loop (:mod:`.common`).
 
-- ``fista``: R-FISTA (:mod:`.fista`).
+- ``fista``: R-FISTA (:mod:`.fista`), for every problem kind;
+- ``admm``: ADMM with a kernel U-step (:mod:`.admm`), for plain gated rows;
+- ``auto``: picks one by problem shape (:func:`choose_solver`).
 """
 
 from cvxdist.solvers.admm import Admm
@@ -15,9 +17,16 @@ from cvxdist.solvers.api import (
     solve_batch,
     solve_path,
     stack_problems,
+)
+from cvxdist.solvers.common import (
+    RESULTS,
+    IterativeSolver,
+    Solution,
+    SolveStats,
+    Weights,
+    iterate,
     trace_count,
 )
-from cvxdist.solvers.common import RESULTS, IterativeSolver, Solution, SolveStats, Weights, iterate
 from cvxdist.solvers.fista import Fista, FistaState
 
 register_solver("admm", Admm)

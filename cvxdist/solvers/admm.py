@@ -37,8 +37,8 @@ the kernel then takes ≤ 256 MiB in float32 and its factorization a few seconds
 else ``cg``.
 
 Certificate. The reported iterate is ``W`` (the prox output: exactly sparse), and the
-stopping rule is :func:`cvxdist.problems.evaluate` at ``W`` with ``W``'s own residual and
-gradient: the gap :func:`cvxdist.problems.certify` recomputes. (The U-step provides a
+stopping rule is :func:`cvxdist.duality.evaluate` at ``W`` with ``W``'s own residual and
+gradient: the gap :func:`cvxdist.duality.certify` recomputes. (The U-step provides a
 residual/gradient pair for free, ``r = Ỹ - N s`` and ``∇f(U⁺) = -Bᵀr/N``, whose dual point
 is valid and often better; it is not used because then the reported gap would not be the
 gap anyone recomputes at ``W``, and that costs the third GEMM.)
@@ -71,9 +71,10 @@ from jax import Array, lax
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from cvxdist import operators
-from cvxdist.problems import Evaluation, GatedReluProblem, evaluate, target_projected
+from cvxdist.duality import Evaluation, evaluate
+from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer
-from cvxdist.solvers.common import IterativeSolver, Weights, split_unregularized
+from cvxdist.solvers.common import IterativeSolver, Weights
 
 #: Largest number of (padded) rows for which the N × N kernel is formed by default.
 DENSE_MAX_ROWS = 8000
@@ -419,9 +420,10 @@ class Admm(IterativeSolver):
         return jnp.where(rho > 0, rho, jnp.maximum(fallback, jnp.finfo(dtype).tiny)).astype(dtype)
 
     def init(self, problem: GatedReluProblem, U0: Array, lam: Array) -> AdmmState:
+        check_kernel_problem(problem)
         N = problem.num_rows
         dtype = U0.dtype
-        Y_tilde = target_projected(problem)
+        Y_tilde = problem.project(problem.Y)[0]
         rho = self._initial_rho(problem, lam, Y_tilde)
         corr = operators.adjoint(problem, Y_tilde) / N
         B_corr = _project(problem, operators.forward(problem, corr))
@@ -575,11 +577,25 @@ class Admm(IterativeSolver):
         return state.evaluation, state.subgrad_sq
 
     def postprocess(self, problem: GatedReluProblem, lam: Array, state: AdmmState) -> Weights:
-        V, b = split_unregularized(problem, state.beta)
+        V, b = problem.split_unregularized(state.beta)
         return Weights(state.W, V, b)
 
     def stats_extra(self, state: AdmmState) -> Array:
         return state.rho
+
+
+def check_kernel_problem(problem: object) -> None:
+    """ADMM's U-step goes through the N × N row kernel of plain gated rows.
+
+    Composed data terms (pooled rows, a head, per-group Jacobians, weighted sums of terms,
+    :mod:`cvxdist.composed`) mix output columns and rows, so their kernel is not
+    ``(XXᵀ) ⊙ (MMᵀ)`` acting on each column alike; they are solved by R-FISTA.
+    """
+    if not isinstance(problem, GatedReluProblem):
+        raise ValueError(
+            f"ADMM solves plain gated-row problems only, not a {type(problem).__name__} "
+            "(composed data terms mix rows and outputs); use solver='fista'"
+        )
 
 
 def _cholesky(kernel: Array, mu: Array) -> Array:

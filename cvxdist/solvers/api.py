@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -18,20 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.problems import GatedReluProblem, lam_max, with_precision
+from cvxdist.duality import Problem, lam_max
+from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
 from cvxdist.solvers.admm import DENSE_MAX_ROWS
-from cvxdist.solvers.common import IterativeSolver, Solution, iterate
+from cvxdist.solvers.common import (
+    IterativeSolver,
+    Solution,
+    count_trace,
+    iterate,
+    solve_compiled,
+)
 from cvxdist.solvers.fista import Fista
+from cvxdist.solvers.phases import exact_gemms, solve_phased
+from cvxdist.solvers.polish import Run, solve_to_tol
 
 SOLVERS: dict[str, type[IterativeSolver]] = {"fista": Fista}
-
-_trace_count = 0
-
-
-def trace_count() -> int:
-    """How many times the solve core has been traced (compiled) in this process."""
-    return _trace_count
 
 
 def register_solver(name: str, cls: type[IterativeSolver]) -> None:
@@ -42,7 +44,7 @@ def register_solver(name: str, cls: type[IterativeSolver]) -> None:
 def make_solver(
     solver: str | IterativeSolver = "fista",
     reg: str | Regularizer = "coupled",
-    problem: GatedReluProblem | None = None,
+    problem: Problem | None = None,
     **options: Any,
 ) -> IterativeSolver:
     """A solver instance from names. ``solver="auto"`` picks by problem shape."""
@@ -58,7 +60,7 @@ def make_solver(
     return cls(reg=regularizer, **options)
 
 
-def choose_solver(problem: GatedReluProblem | None) -> str:
+def choose_solver(problem: Problem | None) -> str:
     """The solver ``auto`` uses for a problem (documented in the README).
 
     ``admm`` when its N × N kernel is worth forming, else ``fista``. In units of one GEMM of
@@ -69,7 +71,7 @@ def choose_solver(problem: GatedReluProblem | None) -> str:
     per-iteration overhead ≤ 1; ``fista`` otherwise (matrix-free CG needs a Nyström sketch of
     rank ≳ d, i.e. ≳ d GEMM pairs, and several GEMM pairs per iteration: never faster).
     """
-    if problem is None:
+    if problem is None or not hasattr(problem, "X"):  # composed data terms: no row kernel
         return "fista"
     rows = problem.X.shape[-3] * problem.X.shape[-2]
     d, P, c = problem.X.shape[-1], problem.G.shape[-1], problem.Y.shape[-1]
@@ -81,31 +83,16 @@ def choose_solver(problem: GatedReluProblem | None) -> str:
 
 
 @eqx.filter_jit
-def _solve_core(
-    solver: IterativeSolver,
-    problem: GatedReluProblem,
-    lam: Array,
-    U0: Array,
-    tol: Array,
-    max_iters: int,
-) -> Solution:
-    global _trace_count
-    _trace_count += 1
-    return iterate(solver, problem, lam, U0, tol, max_iters)
-
-
-@eqx.filter_jit
 def _solve_batch_core(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Array,
     U0: Array,
     tol: Array,
     max_iters: int,
     problem_axis: int | None,
 ) -> Solution:
-    global _trace_count
-    _trace_count += 1
+    count_trace()
     u0_axis = 0 if U0.ndim == 4 else None
     run = eqx.filter_vmap(
         lambda p, lam, u0: iterate(solver, p, lam, u0, tol, max_iters),
@@ -124,7 +111,7 @@ def _check_lam(lam: Any, name: str = "lam") -> np.ndarray:
 
 
 def resolve_lam(
-    problem: GatedReluProblem,
+    problem: Problem,
     reg: str | Regularizer,
     lam: float | None,
     lam_frac: float | None,
@@ -146,7 +133,7 @@ def resolve_lam(
     return lam, lmax
 
 
-def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
+def _initial_weights(problem: Problem, init: Any) -> Array:
     if init is None:
         return problem.zeros()
     U0 = init.weights.U if isinstance(init, Solution) else init
@@ -156,27 +143,25 @@ def _initial_weights(problem: GatedReluProblem, init: Any) -> Array:
     return U0
 
 
-def _exact_gemms(problem: GatedReluProblem) -> bool:
-    from cvxdist.phases import exact_gemms
-
-    return exact_gemms(problem)
-
-
-def _phased(screen: bool) -> Callable[..., Solution]:
-    """The phased solve of :mod:`cvxdist.phases` with the signature of ``_solve_core``."""
-    from cvxdist.phases import solve_phased
+def _run(screen: bool) -> Run:
+    """One solve in the problem's dtype: phased (:mod:`cvxdist.solvers.phases`: screening, or
+    GEMMs that are not float32-exact) or one compiled loop; ``lam`` and ``tol`` become traced."""
 
     def run(
         solver: IterativeSolver,
-        problem: GatedReluProblem,
-        lam: Array,
+        problem: Problem,
+        lam: Array | float,
         U0: Array,
         tol: float,
         max_iters: int,
     ) -> Solution:
-        return solve_phased(
-            solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
-        )
+        lam = jnp.asarray(lam, problem.dtype)
+        if screen or not exact_gemms(problem):
+            return solve_phased(
+                solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
+            )
+        tol = jnp.asarray(tol, problem.dtype)
+        return solve_compiled(solver, problem, lam, U0, tol, int(max_iters))
 
     return run
 
@@ -203,14 +188,13 @@ def _timed(fn: Any, *args: Any) -> Solution:
     with _single_threaded_blas():
         solution = jax.block_until_ready(fn(*args))
     elapsed = time.perf_counter() - start
-    shape = solution.stats.time_s.shape
-    return eqx.tree_at(
-        lambda s: s.stats.time_s, solution, jnp.full(shape, elapsed, solution.stats.time_s.dtype)
-    )
+    like = solution.stats.time_s
+    with jax.enable_x64(like.dtype == jnp.float64):  # a polished solution is float64
+        return eqx.tree_at(lambda s: s.stats.time_s, solution, jnp.full_like(like, elapsed))
 
 
 def solve(
-    problem: GatedReluProblem,
+    problem: Problem,
     lam: float | None = None,
     *,
     lam_frac: float | None = None,
@@ -220,6 +204,7 @@ def solve(
     max_iters: int = 10_000,
     init: Array | Solution | None = None,
     screen: bool = False,
+    polish: bool = True,
     **solver_options: Any,
 ) -> Solution:
     """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
@@ -232,37 +217,30 @@ def solve(
         tol: target relative duality gap (static loop bound is ``max_iters``).
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
         screen: remove gates proven zero by gap-safe screening during the solve
-            (:mod:`cvxdist.phases`); ``stats.screened`` counts them.
+            (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
+        polish: when ``tol`` is below what float32 can certify (128 eps, 1.5e-5), solve in
+            float32 to that floor, then continue in float64 (:mod:`cvxdist.solvers.polish`);
+            ``False`` stops at the floor with ``RESULTS.precision_floor``.
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
         when this is the first call for these shapes. With ``screen``, or GEMMs that are not
         float32-exact (``"bf16"``; ``"default"`` on GPU/TPU), the solve runs in phases
-        (:mod:`cvxdist.phases`) and the certificate is recomputed with full-precision GEMMs.
+        (:mod:`cvxdist.solvers.phases`) and the certificate is recomputed with full-precision GEMMs.
+        A polished solution has float64 weights and statistics.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
-    dtype = problem.dtype
-    if screen or not _exact_gemms(problem):
-        return _timed(
-            _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
-        )
     return _timed(
-        _solve_core,
-        solver_obj,
-        problem,
-        jnp.asarray(lam, dtype),
-        U0,
-        jnp.asarray(tol, dtype),
-        int(max_iters),
+        solve_to_tol, _run(screen), solver_obj, problem, lam, U0, tol, int(max_iters), polish
     )
 
 
 def solve_batch(
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Sequence[float] | Array,
     *,
     reg: str | Regularizer = "coupled",
@@ -296,14 +274,14 @@ def solve_batch(
         raise ValueError(f"init must have shape {shape} or (L, *{shape}), got {U0.shape}")
     args = (jnp.asarray(lams_np, dtype), U0, jnp.asarray(tol, dtype), int(max_iters))
     axis = 0 if batched_problem else None
-    if not _exact_gemms(problem):
+    if not exact_gemms(problem):
         return _timed(_bf16_then_highest, solver_obj, problem, *args, axis)
     return _timed(_solve_batch_core, solver_obj, problem, *args, axis)
 
 
 def _bf16_then_highest(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Array,
     U0: Array,
     tol: Array,
@@ -318,13 +296,13 @@ def _bf16_then_highest(
     """
     low = _solve_batch_core(solver, problem, lams, U0, tol, max_iters, axis)
     high = _solve_batch_core(
-        solver, with_precision(problem, "highest"), lams, low.weights.U, tol, max_iters, axis
+        solver, problem.with_precision("highest"), lams, low.weights.U, tol, max_iters, axis
     )
     total = low.stats.iterations + high.stats.iterations
     return eqx.tree_at(lambda s: s.stats.iterations, high, total)
 
 
-def _unbatched_weight_shape(problem: GatedReluProblem) -> tuple[int, int, int]:
+def _unbatched_weight_shape(problem: Problem) -> tuple[int, int, int]:
     return (problem.G.shape[-1], problem.X.shape[-1], problem.Y.shape[-1])
 
 
@@ -345,7 +323,7 @@ def lam_grid(lmax: float, num: int = 10, min_frac: float = 1e-2) -> np.ndarray:
 
 
 def solve_path(
-    problem: GatedReluProblem,
+    problem: Problem,
     lams: Sequence[float] | None = None,
     *,
     lam_fracs: Sequence[float] | None = None,
@@ -355,13 +333,14 @@ def solve_path(
     max_iters: int = 10_000,
     progress: bool = True,
     screen: bool = False,
+    polish: bool = True,
     **solver_options: Any,
 ) -> list[Solution]:
     """Warm-started regularization path, largest λ first (one compilation for all λ).
 
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
-    descending. Returns one Solution per λ, in that order. ``screen`` applies gap-safe
-    screening to each solve (see :func:`solve`).
+    descending. Returns one Solution per λ, in that order. ``screen`` and ``polish`` apply
+    to each solve (see :func:`solve`).
     """
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
@@ -377,19 +356,13 @@ def solve_path(
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or not _exact_gemms(problem)
+    run = _run(screen)
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             solution = _timed(
-                _phased(screen) if phased else _solve_core,
-                solver_obj,
-                problem,
-                jnp.asarray(lam, dtype),
-                U,
-                tol if phased else jnp.asarray(tol, dtype),
-                int(max_iters),
+                solve_to_tol, run, solver_obj, problem, lam, U, tol, int(max_iters), polish
             )
-            U = solution.weights.U
+            U = solution.weights.U.astype(dtype)  # a polished solution is float64
             bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
             solutions.append(solution)
     return solutions

@@ -3,6 +3,8 @@
 A solver is an :class:`IterativeSolver`: a pure ``init / step / terminate / postprocess``
 quadruple over a NamedTuple state (optimistix style). :func:`iterate` runs any of them under
 one ``lax.while_loop`` bounded by the static ``max_iters``; λ and ``tol`` are traced.
+:func:`solve_compiled` is that loop compiled (once per solver, problem structure and
+``max_iters``); every entry point of :mod:`cvxdist.solvers` and the phases call it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jax import Array, lax
 
-from cvxdist.problems import Evaluation, GatedReluProblem
+from cvxdist.duality import Evaluation, Problem
 from cvxdist.prox import Regularizer
 
 
@@ -31,6 +33,12 @@ class RESULTS(eqx.Enumeration):
     linesearch_failed = (
         "the line search could not find a decreasing step: the problem is badly scaled, or "
         "tol is below what this precision can certify (use float64 or a looser tol)"
+    )
+    precision_floor = (
+        "tol is below the smallest relative duality gap that float32 arithmetic can certify "
+        "(128 eps, about 1.5e-5; smaller float32 gaps are rounding noise), so the solve stopped "
+        "at that floor: polish in float64 (solve(..., polish=True), the default), solve in "
+        "float64 (--dtype float64), or use tol >= 1.5e-5"
     )
 
 
@@ -54,7 +62,7 @@ class SolveStats(NamedTuple):
     step: Array  # final step size (FISTA) or penalty ρ (ADMM)
     active_gates: Array  # gates with a non-zero block
     time_s: Array  # wall time of the whole call (filled on the host; NaN inside jit)
-    screened: Array | int = 0  # gates removed by gap-safe screening (cvxdist.phases)
+    screened: Array | int = 0  # gates removed by gap-safe screening (cvxdist.solvers.phases)
 
 
 class Solution(eqx.Module):
@@ -83,10 +91,10 @@ class IterativeSolver(eqx.Module):
 
     reg: eqx.AbstractVar[Regularizer]
 
-    def init(self, problem: GatedReluProblem, U0: Array, lam: Array) -> Any:
+    def init(self, problem: Problem, U0: Array, lam: Array) -> Any:
         raise NotImplementedError
 
-    def step(self, problem: GatedReluProblem, lam: Array, state: Any) -> Any:
+    def step(self, problem: Problem, lam: Array, state: Any) -> Any:
         raise NotImplementedError
 
     def certificate(self, state: Any) -> tuple[Evaluation, Array]:
@@ -105,7 +113,7 @@ class IterativeSolver(eqx.Module):
         converged = evaluation.rel_gap <= tol
         return failed | converged, RESULTS.where(failed, why, RESULTS.successful)
 
-    def postprocess(self, problem: GatedReluProblem, lam: Array, state: Any) -> Weights:
+    def postprocess(self, problem: Problem, lam: Array, state: Any) -> Weights:
         raise NotImplementedError
 
     def stats_extra(self, state: Any) -> Array:
@@ -115,7 +123,7 @@ class IterativeSolver(eqx.Module):
 
 def iterate(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lam: Array,
     U0: Array,
     tol: Array,
@@ -152,11 +160,34 @@ def iterate(
     return Solution(weights, result, stats)
 
 
-def split_unregularized(problem: GatedReluProblem, beta: Array | None) -> tuple[Any, Any]:
+_trace_count = 0
+
+
+def trace_count() -> int:
+    """How many times the solve core has been traced (compiled) in this process."""
+    return _trace_count
+
+
+def count_trace() -> None:
+    """Called by every compiled solve entry when it is traced (see :func:`trace_count`)."""
+    global _trace_count
+    _trace_count += 1
+
+
+@eqx.filter_jit
+def solve_compiled(
+    solver: IterativeSolver,
+    problem: Problem,
+    lam: Array,
+    U0: Array,
+    tol: Array,
+    max_iters: int | Array,
+) -> Solution:
+    """:func:`iterate` under ``jit``: λ, ``tol`` (and an array ``max_iters``) are traced."""
+    count_trace()
+    return iterate(solver, problem, lam, U0, tol, max_iters)
+
+
+def split_unregularized(problem: Problem, beta: Array | None) -> tuple[Any, Any]:
     """Skip ``V (d, c)`` and bias ``b (c,)`` from the stacked least-squares coefficients."""
-    if beta is None:
-        return None, None
-    d = problem.num_features
-    V = beta[:d] if problem.skip else None
-    b = beta[-1] if problem.bias else None
-    return V, b
+    return problem.split_unregularized(beta)

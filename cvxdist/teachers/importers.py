@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 from cvxdist.teachers.checkpoint import file_sha256
 from cvxdist.teachers.models import ArchConfig
 from cvxdist.teachers.teacher import save_teacher, variables_template

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 from cvxdist.teachers.checkpoint import (
     CheckpointError,
     file_sha256,

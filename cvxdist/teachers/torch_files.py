@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cvxdist.cli import UserError
+from cvxdist.errors import UserError
 
 
 class TorchFileError(UserError, ValueError):

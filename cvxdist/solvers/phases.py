@@ -6,8 +6,8 @@ scalar (so budgets never recompile). Between phases, on the host:
 
 - **screening** (``screen=True``): the gap-safe test of :mod:`cvxdist.screening` removes the
   gates that are provably zero at the optimum, and the next phase runs on the problem
-  restricted to the survivors (:func:`cvxdist.problems.restrict_gates`): ``G``, the stored
-  masks and every GEMM shrink to ``p`` gates. ``p`` is bucketed (``64 · 2^k``) so a solve
+  restricted to the survivors (``problem.restrict_gates``): ``G``, the stored masks and
+  every GEMM shrink to ``p`` gates. ``p`` is bucketed (``64 · 2^k``) so a solve
   compiles at most ``log2(P / 64) + 1`` programs; padding gates are dead (zero mask). Phase
   lengths grow geometrically (``first_phase``, ×``growth``), so the test runs ``O(log iters)``
   times. Each phase restarts the solver's momentum and step search: that is the price.
@@ -19,7 +19,7 @@ scalar (so budgets never recompile). Between phases, on the host:
   solve ends with the same guarantee as a float32 one.
 
 The certificate reported at the end is always recomputed on the *full* problem with
-``"highest"`` GEMMs (:func:`cvxdist.problems.certify`), and ``converged`` means that gap is at
+``"highest"`` GEMMs (:func:`cvxdist.duality.certify`), and ``converged`` means that gap is at
 most ``tol``. These are the only Python loops over iterations in the library (a few phases per
 solve, not one per iteration).
 """
@@ -35,13 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.problems import (
-    GatedReluProblem,
-    certify,
-    padded_index,
-    restrict_gates,
-    with_precision,
-)
+from cvxdist.duality import Problem, certify
+from cvxdist.problems import padded_index
 from cvxdist.screening import (
     MIN_BUCKET,
     bucket_size,
@@ -55,7 +50,7 @@ from cvxdist.solvers.common import (
     Solution,
     SolveStats,
     Weights,
-    split_unregularized,
+    solve_compiled,
 )
 
 
@@ -75,7 +70,7 @@ def _take(U_sub: Array, take: Array, live: Array) -> Array:
 
 def solve_phased(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lam: Array,
     U0: Array,
     tol: float,
@@ -104,8 +99,6 @@ def solve_phased(
         A Solution on the full problem; ``stats.screened`` is the number of gates removed,
         ``stats.time_s`` is NaN (the caller times the call).
     """
-    from cvxdist.solvers.api import _solve_core
-
     reg = solver.reg
     dtype = problem.dtype
     eps = float(jnp.finfo(dtype).eps)
@@ -116,7 +109,7 @@ def solve_phased(
     active = np.arange(num_gates)
     sub, sub_bounds, U_sub = problem, bounds, U0
     if screen_gates:  # the same pytree structure (a gate mask) for every phase: fewer compiles
-        sub = restrict_gates(problem, active, num_gates)
+        sub = problem.restrict_gates(active, num_gates)
     floor = float(tol)
     iterations = 0
     result = RESULTS.max_steps_reached
@@ -139,7 +132,7 @@ def solve_phased(
                     result = RESULTS.successful
                     break
                 size = bucket_size(len(active), num_gates, min_bucket)
-                sub = restrict_gates(problem, active, size)
+                sub = problem.restrict_gates(active, size)
                 sub_bounds = jnp.asarray(np.asarray(bounds)[padded_index(active, size)[0]])
                 U_sub = _take(U_sub, *padded_index(survivors, size))
         else:
@@ -178,14 +171,14 @@ def solve_phased(
             # correlations to stay put), so that every test removes gates.
             half = bucket_size(len(active), num_gates, min_bucket) // 2
             if half >= min_bucket:
-                wanted = gap_to_screen(test, problem.num_rows, len(active) - half)
+                wanted = gap_to_screen(test, len(active) - half)
                 target = max(floor, min(wanted, gap * shrink))
         elif cheap and precision != "highest":
             target = max(floor, gap * shrink)
         previous_gap = gap
-        last = _solve_core(
+        last = solve_compiled(
             solver,
-            with_precision(sub, precision),
+            sub.with_precision(precision),
             lam,
             U_sub,
             jnp.asarray(target, dtype),
@@ -204,7 +197,7 @@ def solve_phased(
     return eqx.tree_at(lambda s: s.result, final, result)
 
 
-def exact_gemms(problem: GatedReluProblem) -> bool:
+def exact_gemms(problem: Problem) -> bool:
     """Whether the problem's GEMMs are float32/float64-exact, so that the gap a solver computes
     is already the certificate. ``"default"`` is exact on CPU only: XLA uses TF32 on recent
     NVIDIA GPUs and bfloat16 passes on TPUs for float32 dots (host-side check)."""
@@ -219,7 +212,7 @@ def exact_gemms(problem: GatedReluProblem) -> bool:
 
 def _final_solution(
     solver: IterativeSolver,
-    problem: GatedReluProblem,
+    problem: Problem,
     lam: Array,
     U: Array,
     last: Solution | None,
@@ -238,13 +231,13 @@ def _final_solution(
 
 @eqx.filter_jit
 def _final_stats(
-    solver: IterativeSolver, problem: GatedReluProblem, lam: Array, U: Array, step: Array
+    solver: IterativeSolver, problem: Problem, lam: Array, U: Array, step: Array
 ) -> tuple[Weights, SolveStats]:
     """Weights and statistics of ``U`` on the full problem, with full-precision GEMMs."""
     cert = certify(problem, solver.reg, lam, U)
     evaluation = cert.evaluation
     safe_step = jnp.where(jnp.isfinite(step) & (step > 0), step, 1.0)
-    V, b = split_unregularized(problem, cert.beta)
+    V, b = problem.split_unregularized(cert.beta)
     stats = SolveStats(
         iterations=jnp.zeros((), jnp.int32),
         objective=evaluation.primal,
