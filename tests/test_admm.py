@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from cvxdist import operators
 from cvxdist.mapping import predict_convex
 from cvxdist.problems import evaluate, lam_max, make_problem
 from cvxdist.prox import get_regularizer
-from cvxdist.solvers import RESULTS, Admm, choose_solver, solve, solve_batch, trace_count
+from cvxdist.solvers import RESULTS, Admm, solve, solve_batch, trace_count
 from cvxdist.solvers.admm import (
     _nystrom_precondition,
     _pcg,
@@ -265,23 +263,6 @@ def test_warm_start_at_the_optimum_stops_at_once():
     again = solve(problem, lam, reg="one_vs_all", solver="admm", tol=1e-10, init=first)
     assert int(again.stats.iterations) <= 1
     assert again.converged
-
-
-@pytest.mark.parametrize(
-    "shape, expected",
-    [
-        ((1000, 50, 1, 500), "admm"),  # the CPU benchmark problems
-        ((5000, 100, 10, 1000), "admm"),
-        ((20000, 200, 1, 2000), "fista"),  # no dense kernel; CG never pays off
-        ((8000, 20, 1, 100), "fista"),  # cheap GEMMs: the kernel would dominate
-    ],
-)
-def test_auto_chooses_by_shape(shape, expected):
-    N, d, c, P = shape
-    # choose_solver reads shapes only: stand-in arrays, no problem data.
-    stand_in = SimpleNamespace(X=np.empty((1, N, d)), G=np.empty((d, P)), Y=np.empty((1, N, c)))
-    assert choose_solver(stand_in) == expected
-    assert choose_solver(None) == "fista"
 
 
 # --------------------------------------------------------------------------------- errors

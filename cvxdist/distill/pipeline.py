@@ -302,7 +302,8 @@ def solve_block(
         jax.random.key(config.seed), rows, config.gates, kind=config.gate_kind, noise=0.05
     )
     problem = make_problem(rows, targets, gates, skip=config.skip, bias=True)
-    solver = choose_solver(problem) if config.solver == "auto" else config.solver
+    auto = config.solver == "auto"
+    solver = choose_solver(problem, path_length=len(lam_fracs)) if auto else config.solver
     reg = get_regularizer(config.reg)
     lmax = float(lam_max(problem, reg))
     start = time.perf_counter()

@@ -17,9 +17,9 @@ column alike, so one kernel serves all ``c`` columns. The U-step is then
     s  = (NρI + P⊥KP⊥)⁻¹ B V,     U⁺ = (V - Bᵀ s)/ρ,     B U⁺ = N s  (exactly, if s is exact).
 
 Per iteration: two adjoint GEMMs (``Bᵀ s`` for the U-step, ``Aᵀ r(W⁺)`` for the
-certificate), one forward GEMM (``A W⁺``), the kernel solve and the prox; R-FISTA needs two
-GEMMs plus one per backtrack. ``B V`` needs no GEMM: ``B Z`` is carried and updated
-linearly. The kernel solve is, by ``linear_solver``:
+certificate, every ``certify_every`` iterations), one forward GEMM (``A W⁺``), the kernel
+solve and the prox; R-FISTA needs two GEMMs plus one per backtrack. ``B V`` needs no GEMM:
+``B Z`` is carried and updated linearly. The kernel solve is, by ``linear_solver``:
 
 - ``"cholesky"``: dense ``K``, Cholesky factor of ``NρI + P⊥KP⊥`` (O(N³), once; refactored
   through ``lax.cond`` when an adaptive ρ changes, so at most ``max_rho_updates`` times).
@@ -41,7 +41,15 @@ stopping rule is :func:`cvxdist.duality.evaluate` at ``W`` with ``W``'s own resi
 gradient: the gap :func:`cvxdist.duality.certify` recomputes. (The U-step provides a
 residual/gradient pair for free, ``r = Ỹ - N s`` and ``∇f(U⁺) = -Bᵀr/N``, whose dual point
 is valid and often better; it is not used because then the reported gap would not be the
-gap anyone recomputes at ``W``, and that costs the third GEMM.)
+gap anyone recomputes at ``W``, and that costs the third GEMM.) With ``certify_every = k``
+that third GEMM runs every ``k``-th iteration only (``lax.cond``); the solve then stops at
+most ``k - 1`` iterations late, and returns the last certified ``W``, so the reported gap is
+still the one recomputed at the returned weights.
+
+Paths. ``eigh`` and ``cg`` factorizations do not depend on ρ or λ: :meth:`Admm.factorized`
+returns the solver with its :class:`KernelFactor` computed once, and every solve of a λ path
+(:func:`cvxdist.solvers.solve_path`) reuses it; residual-balancing ρ then costs no
+refactorization either.
 
 Penalty ρ. Initial ρ from λ and the data scales (``rho=None``; see :class:`Admm`), then
 ``adapt``:
@@ -105,7 +113,8 @@ class AdmmState(NamedTuple):
     BW: Array  # P⊥A(W), (K, n, c)
     BZ: Array  # P⊥A(Z), carried linearly
     s: Array  # last kernel-system solution (Nₚ, c), the CG warm start
-    beta: Array | None  # skip/bias least-squares coefficients at W
+    W_certified: Array  # the W that ``evaluation`` certifies (W, or an older one)
+    beta: Array | None  # skip/bias least-squares coefficients at W_certified
     rho: Array
     factor: KernelFactor
     corr: Array  # Bᵀ Ỹ / N, (P, d, c)
@@ -280,6 +289,12 @@ class Admm(IterativeSolver):
             (default 1e-8 in float64, 1e-4 in float32).
         cg_max_iters: CG steps per ADMM iteration, at most.
         seed: seed of the Nyström sketch.
+        certify_every: compute the certificate (one adjoint GEMM of the three an iteration
+            needs) every this many iterations (module docstring). 1 by default: ADMM's gap
+            can oscillate near ``tol`` (float32, a poor ρ), and sampling it every third
+            iteration was seen to miss every crossing.
+        factor: a precomputed ρ-independent factorization (``eigh`` or ``cg``) of this
+            problem's kernel, from :meth:`factorized` (arrays: a new one does not recompile).
     """
 
     reg: Regularizer
@@ -295,6 +310,8 @@ class Admm(IterativeSolver):
     cg_tol: float | None = None
     cg_max_iters: int = 100
     seed: int = 0
+    certify_every: int = 1
+    factor: KernelFactor | None = None
 
     def __check_init__(self) -> None:
         if self.linear_solver not in LINEAR_SOLVERS:
@@ -308,6 +325,20 @@ class Admm(IterativeSolver):
             raise ValueError(f"relaxation must be in (0, 2), got {self.relaxation}")
         if self.rho is not None and not (np.all(np.isfinite(self.rho)) and np.all(self.rho > 0)):
             raise ValueError(f"rho must be positive and finite, got {self.rho}")
+        if self.certify_every < 1:
+            raise ValueError(f"certify_every must be at least 1, got {self.certify_every}")
+
+    def factorized(self, problem: GatedReluProblem) -> Admm:
+        """This solver with the kernel factorization of ``problem`` computed once, for every
+        λ and ρ of a path. Only ``eigh`` and ``cg`` factorizations are ρ-independent; with
+        ``cholesky`` the solver is returned unchanged (each solve factors its own ρ)."""
+        check_kernel_problem(problem)
+        method, _ = self.resolved_linear_solver(problem)
+        if method == "cholesky" or self.factor is not None:
+            return self
+        rho = jnp.ones((), problem.dtype)
+        factor = eqx.filter_jit(self._factor)(problem, rho)
+        return eqx.tree_at(lambda s: s.factor, self, factor, is_leaf=lambda x: x is None)
 
     # ----------------------------------------------------------------- kernel solve
     def resolved_linear_solver(self, problem: GatedReluProblem) -> tuple[str, bool]:
@@ -425,6 +456,7 @@ class Admm(IterativeSolver):
         dtype = U0.dtype
         Y_tilde = problem.project(problem.Y)[0]
         rho = self._initial_rho(problem, lam, Y_tilde)
+        reuse = self.factor is not None and self.resolved_linear_solver(problem)[0] != "cholesky"
         corr = operators.adjoint(problem, Y_tilde) / N
         B_corr = _project(problem, operators.forward(problem, corr))
         r_W, beta = operators.residual(problem, U0)
@@ -434,7 +466,7 @@ class Admm(IterativeSolver):
         # solution keeps its dual.
         Z = -grad / rho
         BZ = _project(problem, operators.forward(problem, Z))
-        factor = self._factor(problem, rho)
+        factor = self.factor._replace(rho_factor=rho) if reuse else self._factor(problem, rho)
         rows = problem.num_chunks * problem.chunk_rows
         evaluation = evaluate(problem, self.reg, lam, U0, r_W, grad)
         zero = jnp.zeros((), jnp.int32)
@@ -445,6 +477,7 @@ class Admm(IterativeSolver):
             BW=BW,
             BZ=BZ,
             s=jnp.zeros((rows, problem.num_outputs), dtype),
+            W_certified=U0,
             beta=beta,
             rho=rho,
             factor=factor,
@@ -483,14 +516,26 @@ class Admm(IterativeSolver):
         BU_hat = alpha * BU + (1.0 - alpha) * state.BW
         W = self.reg.prox(U_hat + state.Z, lam, 1.0 / rho)
         Z = state.Z + U_hat - W
-        # The certificate at W: its own residual and gradient (what problems.certify computes).
         r_W, beta = operators.residual(problem, W)
-        grad_W = -operators.adjoint(problem, r_W) / N
         BW = state.Y_tilde - r_W
         BZ = state.BZ + BU_hat - BW
-        evaluation = evaluate(problem, self.reg, lam, W, r_W, grad_W)
-        subgrad_sq = self.reg.min_norm_subgradient_sq(W, grad_W, lam, 1.0 / rho)
         iteration = state.iteration + 1
+
+        def certified() -> tuple:
+            # The certificate at W: its own residual and gradient (what certify computes).
+            grad_W = -operators.adjoint(problem, r_W) / N
+            evaluation = evaluate(problem, self.reg, lam, W, r_W, grad_W)
+            subgrad_sq = self.reg.min_norm_subgradient_sq(W, grad_W, lam, 1.0 / rho)
+            return evaluation, subgrad_sq, W, beta
+
+        if self.certify_every == 1:
+            evaluation, subgrad_sq, W_certified, beta = certified()
+        else:
+            evaluation, subgrad_sq, W_certified, beta = lax.cond(
+                iteration % self.certify_every == 0,
+                certified,
+                lambda: (state.evaluation, state.subgrad_sq, state.W_certified, state.beta),
+            )
         # Penalty update; the scaled dual is rescaled so that ρZ is unchanged.
         new_rho, refs = self._update_rho(state, iteration, rho, U, grad_U, W, Z)
         scale = rho / new_rho
@@ -501,6 +546,7 @@ class Admm(IterativeSolver):
             BW=BW,
             BZ=BZ * scale,
             s=s,
+            W_certified=W_certified,
             beta=beta,
             rho=new_rho,
             factor=factor,
@@ -578,7 +624,7 @@ class Admm(IterativeSolver):
 
     def postprocess(self, problem: GatedReluProblem, lam: Array, state: AdmmState) -> Weights:
         V, b = problem.split_unregularized(state.beta)
-        return Weights(state.W, V, b)
+        return Weights(state.W_certified, V, b)
 
     def stats_extra(self, state: AdmmState) -> Array:
         return state.rho

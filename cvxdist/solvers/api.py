@@ -6,7 +6,6 @@ and tol as traced arrays: sweeping λ never recompiles.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,12 +20,14 @@ from jax import Array
 from cvxdist.duality import Problem, lam_max
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
-from cvxdist.solvers.admm import DENSE_MAX_ROWS
+from cvxdist.solvers import costs
+from cvxdist.solvers.admm import Admm
 from cvxdist.solvers.common import (
     IterativeSolver,
     Solution,
     count_trace,
     iterate,
+    single_threaded_blas,
     solve_compiled,
 )
 from cvxdist.solvers.fista import Fista
@@ -59,26 +60,14 @@ def make_solver(
     return cls(reg=regularizer, **options)
 
 
-def choose_solver(problem: Problem | None) -> str:
-    """The solver ``auto`` uses for a problem (documented in the README).
-
-    ``admm`` when its N × N kernel is worth forming, else ``fista``. In units of one GEMM of
-    an iteration (``2 N d P c`` flops), ADMM pays once ``N/(d c) + N²/(6 d P c)`` to form and
-    factor the kernel and, per iteration, about ``5 N/(d P)`` for the triangular solves, for
-    roughly half of R-FISTA's iterations at three GEMMs each (measured on the CPU benchmark
-    problems). So: ``admm`` if the padded ``N ≤ 8000`` (the dense kernel), setup ≤ 50 and
-    per-iteration overhead ≤ 1; ``fista`` otherwise (matrix-free CG needs a Nyström sketch of
-    rank ≳ d, i.e. ≳ d GEMM pairs, and several GEMM pairs per iteration: never faster).
-    """
-    if problem is None or not hasattr(problem, "X"):  # composed data terms: no row kernel
-        return "fista"
-    rows = problem.X.shape[-3] * problem.X.shape[-2]
-    d, P, c = problem.X.shape[-1], problem.G.shape[-1], problem.Y.shape[-1]
-    setup = rows / (d * c) + rows**2 / (6.0 * d * P * c)
-    per_iteration = 5.0 * rows / (d * P)
-    if rows <= DENSE_MAX_ROWS and setup <= 50.0 and per_iteration <= 1.0:
-        return "admm"
-    return "fista"
+def choose_solver(
+    problem: Problem | None, *, path_length: int = 1, rates: costs.Rates | None = None
+) -> str:
+    """The solver ``auto`` uses for a problem (or a path of ``path_length`` λ): the faster of
+    R-FISTA and ADMM by the measured cost model of :mod:`cvxdist.solvers.costs` (composed
+    data terms and more than ``DENSE_MAX_ROWS`` rows: R-FISTA). ``costs.explain`` gives the
+    predicted times behind the choice."""
+    return costs.choose(problem, path_length=path_length, rates=rates)
 
 
 @eqx.filter_jit
@@ -142,9 +131,10 @@ def _initial_weights(problem: Problem, init: Any) -> Array:
     return U0
 
 
-def _phased(screen: bool) -> Callable[..., Solution]:
+def _phased(screen: bool, **phase_options: Any) -> Callable[..., Solution]:
     """The phased solve of :mod:`cvxdist.solvers.phases` with the signature of
-    :func:`~cvxdist.solvers.common.solve_compiled`."""
+    :func:`~cvxdist.solvers.common.solve_compiled` (``phase_options``: ``working_set``,
+    ``strong_from``)."""
 
     def run(
         solver: IterativeSolver,
@@ -155,32 +145,22 @@ def _phased(screen: bool) -> Callable[..., Solution]:
         max_iters: int,
     ) -> Solution:
         return solve_phased(
-            solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
+            solver,
+            problem,
+            lam,
+            U0,
+            float(tol),
+            int(max_iters),
+            screen_gates=screen,
+            **phase_options,
         )
 
     return run
 
 
-def _single_threaded_blas() -> contextlib.AbstractContextManager:
-    """One BLAS thread while a solve runs on the CPU.
-
-    XLA's CPU LAPACK calls (ADMM's Cholesky/eigh, the nuclear prox's SVDs) go through
-    scipy's OpenBLAS, whose spinning worker threads compete with XLA's own pool: measured
-    2.7x slower ADMM solves on 2 cores with OpenBLAS's default threads. XLA's GEMMs do not
-    use OpenBLAS, so nothing is lost. A no-op without threadpoolctl or off the CPU.
-    """
-    if jax.default_backend() != "cpu":
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _timed(fn: Any, *args: Any) -> Solution:
     start = time.perf_counter()
-    with _single_threaded_blas():
+    with single_threaded_blas():
         solution = jax.block_until_ready(fn(*args))
     elapsed = time.perf_counter() - start
     shape = solution.stats.time_s.shape
@@ -200,6 +180,7 @@ def solve(
     max_iters: int = 10_000,
     init: Array | Solution | None = None,
     screen: bool = False,
+    working_set: bool = False,
     **solver_options: Any,
 ) -> Solution:
     """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
@@ -213,6 +194,8 @@ def solve(
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
         screen: remove gates proven zero by gap-safe screening during the solve
             (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
+        working_set: solve in phases on working sets of gates ranked by their KKT violation,
+            grown until the gap on all gates is ≤ ``tol`` (:mod:`cvxdist.solvers.phases`).
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
@@ -226,10 +209,9 @@ def solve(
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
     dtype = problem.dtype
-    if screen or not exact_gemms(problem):
-        return _timed(
-            _phased(screen), solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters
-        )
+    if screen or working_set or not exact_gemms(problem):
+        run = _phased(screen, working_set=working_set)
+        return _timed(run, solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters)
     return _timed(
         solve_compiled,
         solver_obj,
@@ -335,6 +317,7 @@ def solve_path(
     max_iters: int = 10_000,
     progress: bool = True,
     screen: bool = False,
+    strong: bool = True,
     **solver_options: Any,
 ) -> list[Solution]:
     """Warm-started regularization path, largest λ first (one compilation for all λ).
@@ -342,6 +325,13 @@ def solve_path(
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
     descending. Returns one Solution per λ, in that order. ``screen`` applies gap-safe
     screening to each solve (see :func:`solve`).
+
+    ``strong`` (R-FISTA): each λ is solved in working-set phases whose first set is glmnet's
+    sequential strong set (gates with ``‖∇f_i‖° ≥ 2λ − λ_prev`` at the previous solution, and
+    its support), verified by the duality gap on all gates (:mod:`cvxdist.solvers.phases`).
+    ADMM paths run at full width (its kernel depends on the gates) and factor the kernel once
+    for every λ and ρ (``eigh``) when the cost model of :mod:`cvxdist.solvers.costs` predicts
+    that faster than one Cholesky factorization per λ; its time counts in the first solve.
     """
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
@@ -351,17 +341,29 @@ def solve_path(
     if lams is None:
         values = values * lmax
     values = np.sort(values.ravel())[::-1]
+    if solver == "auto":
+        solver = choose_solver(problem, path_length=len(values))
     solver_obj = make_solver(solver, regularizer, problem, **solver_options)
+    start = time.perf_counter()
+    if isinstance(solver_obj, Admm):
+        if solver_obj.linear_solver == "auto":
+            linear = costs.choose_linear_solver(problem, len(values))
+            solver_obj = eqx.tree_at(lambda s: s.linear_solver, solver_obj, linear)
+        solver_obj = jax.block_until_ready(solver_obj.factorized(problem))
+    setup_s = time.perf_counter() - start
+    strong = strong and not isinstance(solver_obj, Admm)
     dtype = problem.dtype
     U = problem.zeros()
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or not exact_gemms(problem)
+    phased = screen or strong or not exact_gemms(problem)
+    previous = lmax
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
+            options = {"working_set": True, "strong_from": previous} if strong else {}
             solution = _timed(
-                _phased(screen) if phased else solve_compiled,
+                _phased(screen, **options) if phased else solve_compiled,
                 solver_obj,
                 problem,
                 jnp.asarray(lam, dtype),
@@ -369,7 +371,12 @@ def solve_path(
                 tol if phased else jnp.asarray(tol, dtype),
                 int(max_iters),
             )
+            if not solutions and setup_s > 0:
+                solution = eqx.tree_at(
+                    lambda s: s.stats.time_s, solution, solution.stats.time_s + setup_s
+                )
             U = solution.weights.U
+            previous = float(lam)
             bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
             solutions.append(solution)
     return solutions
