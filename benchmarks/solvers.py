@@ -58,6 +58,12 @@ from benchmarks.common import (
     usable_cores,
     write_json,
 )
+from benchmarks.solver_variants import (
+    run_variants,
+    summarize_variants,
+    variants_summary,
+    variants_table,
+)
 
 #: Relative duality gap both tools must reach (computed by the benchmark in float64).
 TARGET_GAP = 1e-3
@@ -89,6 +95,7 @@ class ProblemSpec:
     eval_every: int = 1  # pyscnn iterates between float64 gap evaluations
     gemm_repeats: int = 10
     profile_iters: int | None = None  # iterations of the step-by-step profile (None: to tol)
+    lam_frac: float = LAM_FRAC
 
 
 FULL_PROBLEMS = (
@@ -117,6 +124,7 @@ FULL_PROBLEMS = (
         gemm_repeats=5,
         profile_iters=60,
     ),
+    ProblemSpec("n3000_d60_c5_p400", N=3000, d=60, c=5, P=400, seed=3, repeats=2, lam_frac=0.05),
 )
 QUICK_PROBLEMS = (ProblemSpec("quick_n500_d20_c2_p100", N=500, d=20, c=2, P=100, seed=0),)
 
@@ -277,16 +285,23 @@ def run_cvxdist(
     evaluator: GapEvaluator,
     repeats: int,
     log: Callable[[str], None],
-    solver: str = "fista",
+    solver: Any = "fista",
+    name: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Solve to the target gap: first call (with compilation), then ``repeats`` steady calls."""
+    """Solve to the target gap: first call (with compilation), then ``repeats`` steady calls
+    (``options``: more arguments of ``solve``, such as ``working_set``)."""
     import jax
 
     from cvxdist.solvers import solve
 
+    name = name or solver
+
     def call(tol: float) -> tuple[Any, float]:
         start = time.perf_counter()
-        solution = solve(problem, lam, reg=REG, solver=solver, tol=tol, max_iters=MAX_ITERS)
+        solution = solve(
+            problem, lam, reg=REG, solver=solver, tol=tol, max_iters=MAX_ITERS, **options
+        )
         jax.block_until_ready(solution)
         return solution, time.perf_counter() - start
 
@@ -307,7 +322,7 @@ def run_cvxdist(
             }
         )
         log(
-            f"  cvxdist {solver} tol={tol:g}: {wall:.3f}s (first call), "
+            f"  cvxdist {name} tol={tol:g}: {wall:.3f}s (first call), "
             f"{tries[-1]['iterations']} iters, "
             f"gap f64 {check['rel_gap']:.3g}"
         )
@@ -321,9 +336,9 @@ def run_cvxdist(
         cores.append(float(again.stats.time_s))
     steady = statistics.median(walls)
     iterations = int(solution.stats.iterations)
-    log(f"  cvxdist {solver} steady: {steady:.3f}s median of {walls}")
+    log(f"  cvxdist {name} steady: {steady:.3f}s median of {walls}")
     return {
-        "solver": solver,
+        "solver": name,
         "reached_target": check["rel_gap"] <= TARGET_GAP,
         "tol": tol,
         "iterations": iterations,
@@ -332,6 +347,9 @@ def run_cvxdist(
         "converged": bool(solution.converged),
         "message": solution.message,
         "active_gates": int(solution.stats.active_gates),
+        "iteration_equivalents": float(solution.stats.iteration_equivalents),
+        "working_set": int(solution.stats.working_set),
+        "screened": int(solution.stats.screened),
         "time_with_compile_s": cold_total,
         "time_steady_s": steady,
         "time_steady_all_s": walls,
@@ -355,7 +373,7 @@ def run_admm_and_auto(
     ``auto`` would choose it; beyond, its matrix-free CG form is slower than R-FISTA by the
     cost model of :func:`cvxdist.solvers.choose_solver` and is recorded as not run.
     """
-    from cvxdist.solvers import choose_solver
+    from cvxdist.solvers import choose_solver, costs
     from cvxdist.solvers.admm import DENSE_MAX_ROWS
 
     rows = problem.X.shape[0] * problem.X.shape[1]
@@ -372,7 +390,11 @@ def run_admm_and_auto(
     times = [r["time_steady_s"] for r in (fista, admm) if r.get("reached_target")]
     return {
         "admm": admm,
-        "auto": {"chooses": choice, "time_steady_s": chosen["time_steady_s"]},
+        "auto": {
+            "chooses": choice,
+            "time_steady_s": chosen["time_steady_s"],
+            "cost_model": costs.explain(problem),
+        },
         "admm_over_fista_steady": (
             fista["time_steady_s"] / admm["time_steady_s"] if "time_steady_s" in admm else None
         ),
@@ -729,7 +751,7 @@ def run_problem(
     log(f"[{spec.name}] N={spec.N} d={spec.d} c={spec.c} P={spec.P}  load {load_average()}")
     inst = make_instance(spec)
     evaluator = GapEvaluator(inst)
-    lam = LAM_FRAC * evaluator.lam_max
+    lam = spec.lam_frac * evaluator.lam_max
     problem, flips = float32_problem(inst)
     record: dict[str, Any] = {
         "name": spec.name,
@@ -740,7 +762,7 @@ def run_problem(
         "P_sampled": spec.P,
         "gates_dropped": inst.gates_dropped,
         "seed": spec.seed,
-        "lam_frac": LAM_FRAC,
+        "lam_frac": spec.lam_frac,
         "lam_max": evaluator.lam_max,
         "lam": lam,
         "float32_mask_flips_fixed": flips,
@@ -774,6 +796,9 @@ def run_problem(
     )
     record.update({"cvxdist": ours, "pyscnn": scnn, "profile": profile, "gemm": gemm})
     record.update(run_admm_and_auto(problem, lam, evaluator, repeats or spec.repeats, log, ours))
+    record["variants"] = run_variants(
+        run_cvxdist, problem, lam, evaluator, repeats or spec.repeats, log, REG
+    )
     if scnn_time := scnn.get("time_s"):
         if record["admm"].get("time_steady_s"):
             record["admm_speedup_steady"] = scnn_time / record["admm"]["time_steady_s"]
@@ -791,6 +816,7 @@ def run_problem(
     record["iteration_over_gemm"] = gemm["iteration_over_gemm"]
     # Context: the solve's average iteration (backtracks included, different time window).
     record["solve_iteration_over_gemm"] = ours["time_per_iteration_s"] / gemm["gemm_s"]
+    record["solvers"] = summarize_variants(record)
     return record
 
 
@@ -921,7 +947,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"{m['load_average_at_start']} at start, {payload['load_average_at_end']} at end "
         "(other processes share these cores; treat ratios as indicative).",
         "",
-        f"Problem: `{s['reg']}` (pyscnn NeuronGL1, λ_scnn = λ/c), λ = {s['lam_frac']} λ_max, "
+        f"Problem: `{s['reg']}` (pyscnn NeuronGL1, λ_scnn = λ/c), λ = {s['lam_frac']} λ_max "
+        "(unless the problem says otherwise), "
         "float32 solves, gaps computed by the benchmark in float64 from the returned weights. "
         f"Data: {s['data']}",
         "",
@@ -956,6 +983,7 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"{fmt(summary['meets_best_speedup_target'])} "
         f"(min {fmt(summary['min_best_speedup_steady'])}×).",
         "",
+        variants_table(payload, fmt, markdown_table),
     ]
     return "\n".join(lines)
 
@@ -1037,7 +1065,7 @@ def run(
         "machine": machine,
         "threads": threads,
         "problems": problems,
-        "summary": summarize(problems),
+        "summary": {**summarize(problems), "variants": variants_summary(problems)},
         "load_average_at_end": load_average(),
     }
     write_json(out_dir / "solvers.json", payload)
