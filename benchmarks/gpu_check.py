@@ -105,15 +105,10 @@ DISTILL: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
 
 
 def planted_arrays(N: int, d: int, c: int, P: int, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Rows with unit-norm columns, targets of a planted ReLU network, Gaussian gates."""
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((N, d), dtype=np.float32)
-    X /= np.linalg.norm(X, axis=0, keepdims=True)
-    hidden = np.maximum(X @ rng.standard_normal((d, 64), dtype=np.float32), 0)
-    Y = hidden @ rng.standard_normal((64, c), dtype=np.float32)
-    Y += 0.1 * Y.std(axis=0) * rng.standard_normal(Y.shape, dtype=np.float32)
-    Y /= Y.std(axis=0)
-    return X, Y, rng.standard_normal((d, P), dtype=np.float32)
+    """The solver benchmark's planted data (a 64-unit ReLU teacher) as float32 arrays."""
+    from benchmarks.solvers.instances import planted_data
+
+    return tuple(a.astype(np.float32) for a in planted_data(N, d, c, P, seed, width=64))
 
 
 def _make_solver(options: dict[str, Any], reg: Any, rows: int) -> Any:

@@ -3,8 +3,8 @@ r"""Baselines on the same block, rows and loss as the convex student.
 All of them start from a :class:`~cvxdist.distill.pipeline.PreparedBlock` (the reduced rows and
 targets the convex problem sees), are matched to a parameter budget (the convex student's
 count, gates and reductions included) and return a
-:class:`~cvxdist.distill.pipeline.BlockStudent` that
-:func:`~cvxdist.distill.pipeline.evaluate_spliced` splices into the teacher.
+:class:`~cvxdist.distill.student.BlockStudent` that
+:func:`~cvxdist.distill.evaluation.evaluate_spliced` splices into the teacher.
 
 * **Learned ReLU** (:func:`relu_block_student`): the same two-layer shape with a *learned*
   ReLU instead of fixed gates::
@@ -43,56 +43,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cvxdist.distill.student import Reduction, _zeros, input_reduction_params, parameter_count
-
-
-class ReluStudent(nn.Module):
-    """Learned-ReLU student block with the convex student's input/output reductions."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int
-    reduced_in: int | None
-    reduced_out: int | None
-    hidden: int
-    skip: bool
-    reduced_channels: int | None = None
-
-    @property
-    def features(self) -> int:
-        if self.reduced_in is not None:
-            return self.reduced_in
-        k = max(self.kernel_size, 1)
-        return k * k * (self.reduced_channels or self.in_channels)
-
-    @property
-    def outputs(self) -> int:
-        return self.reduced_out if self.reduced_out is not None else self.out_channels
-
-    @nn.compact
-    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
-        from cvxdist.distill.student import GatedStudent
-
-        a = GatedStudent._features(self, z)  # same feature map as the convex student
-        return self.head(a)
-
-    def head(self, a: jnp.ndarray) -> jnp.ndarray:
-        d, c, K = self.features, self.outputs, self.hidden
-        hidden = nn.relu(a @ self.param("w_in", _zeros((d, K))) + self.param("b_in", _zeros((K,))))
-        out = hidden @ self.param("w_out", _zeros((K, c))) + self.param("bias", _zeros((c,)))
-        if self.skip:
-            out = out + a @ self.param("skip", _zeros((d, c)))
-        if self.reduced_out is not None:
-            out = out @ self.param("expand", _zeros((c, self.out_channels)))
-            out = out + self.param("expand_bias", _zeros((self.out_channels,)))
-        return out
+from cvxdist.distill.objectives import TermData, objective_loss
+from cvxdist.distill.student import (
+    Reduction,
+    ReluStudent,
+    input_reduction_params,
+    parameter_count,
+)
+from cvxdist.mapping import gated_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,28 +116,19 @@ def _mlp(params: dict[str, jnp.ndarray], a: jnp.ndarray) -> jnp.ndarray:
 def _gated(
     params: dict[str, jnp.ndarray], a: jnp.ndarray, gates: jnp.ndarray, neuron_gate: jnp.ndarray
 ) -> jnp.ndarray:
-    masks = (a @ gates >= 0)[:, neuron_gate].astype(a.dtype)
-    out = ((a @ params["w_in"]) * masks) @ params["w_out"] + params["bias"]
-    if "skip" in params:
-        out = out + a @ params["skip"]
-    return out
-
-
-def _squared(predict: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
-    def loss(params: Any, a: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-        return 0.5 * jnp.mean(jnp.sum((predict(params, a) - t) ** 2, axis=-1))
-
-    return loss
+    return gated_forward(
+        a, gates, params["w_in"], params["w_out"], neuron_gate, params.get("skip"), params["bias"]
+    )
 
 
 def adam_fit(
     loss_fn: Callable[..., jnp.ndarray],
     params: Any,
-    data: Sequence[jnp.ndarray],
+    data: Sequence[Sequence[jnp.ndarray]],
     *,
     steps: int,
     learning_rate: float,
-    batch_size: int | None,
+    batch_sizes: Sequence[int | None],
     seed: int,
     log_every: int = 100,
     progress: bool = False,
@@ -182,36 +136,44 @@ def adam_fit(
     keep_params: bool = False,
     eval_limit: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Adam on ``loss_fn(params, *batch)`` over arrays ``data`` sharing their leading axis.
+    """Adam on ``loss_fn(params, batches)`` over groups of arrays.
 
-    Runs ``log_every`` steps per compiled call (a ``lax.scan``) and records, after each call,
-    the full-data loss and the training wall time so far (compilation and loss evaluations
-    excluded). Returns the final parameters and a report with ``loss`` (final full-data
-    loss), ``time_s`` (everything, compilation included), ``train_time_s``, ``compile_time_s``,
-    ``steps``, ``history`` (the last mini-batch loss of each call) and ``curve`` (a list of
-    ``{"step", "time_s", "loss"}``; with ``keep_params`` also ``snapshots``: the parameters
-    at each curve point). ``eval_limit`` evaluates the curve's loss on the first rows only.
+    ``data`` is a sequence of groups (one per data term), each a sequence of arrays sharing
+    their leading axis; every step draws, per group, ``batch_sizes[g]`` entries (with
+    replacement; ``None``: the whole group) and calls ``loss_fn(params, batches)`` with
+    ``batches`` shaped like ``data``. Runs ``log_every`` steps per compiled call (a
+    ``lax.scan``) and records, after each call, the full-data loss (on the first
+    ``eval_limit`` entries of every group) and the training wall time so far (compilation and
+    loss evaluations excluded). Returns the final parameters and a report with ``loss``
+    (final full-data loss), ``time_s`` (everything, compilation included), ``train_time_s``,
+    ``compile_time_s``, ``steps``, ``history`` (the last mini-batch loss of each call) and
+    ``curve`` (a list of ``{"step", "time_s", "loss"}``; with ``keep_params`` also
+    ``snapshots``: the parameters at each curve point).
     """
     from tqdm.auto import tqdm
 
     total_start = time.perf_counter()
-    data = tuple(jnp.asarray(a) for a in data)
-    N = int(data[0].shape[0])
-    batch = N if batch_size is None else max(1, min(int(batch_size), N))
+    data = tuple(tuple(jnp.asarray(a) for a in group) for group in data)
+    sizes = [int(group[0].shape[0]) for group in data]
+    batches = [n if b is None else max(1, min(int(b), n)) for n, b in zip(sizes, batch_sizes)]
     every = max(1, min(int(log_every), int(steps)))
     rounds = max(1, int(steps) // every)
     optimizer = optax.adam(learning_rate)
     state = optimizer.init(params)
 
+    def draw(key: jax.Array, data: tuple) -> tuple:
+        out = []
+        for g, (group, n, batch) in enumerate(zip(data, sizes, batches)):
+            if batch < n:
+                idx = jax.random.randint(jax.random.fold_in(key, g), (batch,), 0, n)
+                group = tuple(a[idx] for a in group)
+            out.append(group)
+        return tuple(out)
+
     def run(params: Any, state: Any, key: jax.Array, data: tuple) -> tuple:
         def step(carry: tuple, key: jax.Array) -> tuple:
             params, state = carry
-            if batch < N:
-                idx = jax.random.randint(key, (batch,), 0, N)
-                args = tuple(a[idx] for a in data)
-            else:
-                args = data
-            loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+            loss, grads = jax.value_and_grad(loss_fn)(params, draw(key, data))
             updates, state = optimizer.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), loss
 
@@ -221,8 +183,8 @@ def adam_fit(
     key = jax.random.key(seed + 1)
     compile_start = time.perf_counter()
     compiled = jax.jit(run).lower(params, state, key, data).compile()
-    held = data if eval_limit is None else tuple(a[:eval_limit] for a in data)
-    compiled_loss = jax.jit(lambda p, d: loss_fn(p, *d)).lower(params, held).compile()
+    held = tuple(tuple(a[:eval_limit] for a in group) for group in data)
+    compiled_loss = jax.jit(loss_fn).lower(params, held).compile()
     compile_time = time.perf_counter() - compile_start
 
     def full_loss(p: Any) -> float:
@@ -247,7 +209,7 @@ def adam_fit(
         "train_time_s": elapsed,
         "compile_time_s": compile_time,
         "steps": rounds * every,
-        "batch_size": batch_size,
+        "batch_size": batch_sizes[0] if len(batch_sizes) == 1 else list(batch_sizes),
         "learning_rate": learning_rate,
         "history": history,
         "curve": curve,
@@ -257,9 +219,53 @@ def adam_fit(
     return params, report
 
 
+def fit_terms(
+    predict: Callable[[Any, jnp.ndarray], jnp.ndarray],
+    params: Any,
+    terms: Sequence[TermData],
+    config: AdamConfig,
+    *,
+    progress: bool = False,
+    desc: str = "Adam",
+    keep_params: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Adam on the objective of ``terms`` (:func:`~cvxdist.distill.objectives.objective_loss`)
+    for a student ``predict(params, rows (n, d')) -> outputs (n, c')``.
+
+    A mini-batch holds about ``config.batch_size`` rows of every term (whole images for the
+    downstream terms); the loss curve is evaluated on at most 4096 groups per term.
+    """
+    objective = objective_loss(terms, predict)
+    data = [
+        (t.rows, t.targets) if t.jacobian is None else (t.rows, t.targets, t.jacobian)
+        for t in terms
+    ]
+
+    def loss_fn(p: Any, batches: tuple) -> jnp.ndarray:
+        return objective(p, [(b[0], b[1], b[2] if len(b) > 2 else None) for b in batches])
+
+    sizes = [
+        None if config.batch_size is None else math.ceil(config.batch_size / t.rows.shape[1])
+        for t in terms
+    ]
+    return adam_fit(
+        loss_fn,
+        params,
+        data,
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        batch_sizes=sizes,
+        seed=config.seed,
+        log_every=config.log_every,
+        progress=progress,
+        desc=desc,
+        keep_params=keep_params,
+        eval_limit=4096,
+    )
+
+
 def train_relu_head(
-    rows: np.ndarray,
-    targets: np.ndarray,
+    terms: Sequence[TermData],
     hidden: int,
     config: AdamConfig,
     *,
@@ -267,33 +273,21 @@ def train_relu_head(
     progress: bool = False,
     keep_params: bool = False,
 ) -> tuple[dict[str, jnp.ndarray], dict[str, Any]]:
-    """Adam on 1/(2N)||relu(a W_in + b_in) W_out + b + a V - y||² over rows ``(N, d)``.
+    """Adam on the terms' objective of ``relu(a W_in + b_in) W_out + b + a V``.
 
     Returns the parameters and the report of :func:`adam_fit` (plus ``hidden``).
     """
-    A = jnp.asarray(rows, jnp.float32)
-    T = jnp.asarray(targets, jnp.float32)
-    params = _init_mlp(config.seed, A.shape[1], hidden, T.shape[1], skip)
-    params, report = adam_fit(
-        _squared(_mlp),
-        params,
-        (A, T),
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        log_every=config.log_every,
-        progress=progress,
-        desc="Adam (ReLU)",
-        keep_params=keep_params,
+    d, c = terms[0].rows.shape[-1], terms[0].output_width
+    params = _init_mlp(config.seed, d, hidden, c, skip)
+    params, report = fit_terms(
+        _mlp, params, terms, config, progress=progress, desc="Adam (ReLU)", keep_params=keep_params
     )
     report["hidden"] = hidden
     return params, report
 
 
 def train_fixed_gate_head(
-    rows: np.ndarray,
-    targets: np.ndarray,
+    terms: Sequence[TermData],
     gates: np.ndarray,
     neuron_gate: Sequence[int],
     config: AdamConfig,
@@ -302,35 +296,31 @@ def train_fixed_gate_head(
     progress: bool = False,
     keep_params: bool = False,
 ) -> tuple[dict[str, jnp.ndarray], dict[str, Any]]:
-    """Adam on 1/(2N)||((a W_in) ⊙ 1[a G ≥ 0][:, gate of neuron]) W_out + b + a V - y||².
+    """Adam on the terms' objective of ``((a W_in) ⊙ 1[a G ≥ 0][:, gate of neuron]) W_out
+    + b + a V``.
 
     ``gates (d, Q)`` are fixed; neuron ``k`` uses gate ``neuron_gate[k]``. Random init as the
     learned ReLU (He for ``W_in``), zero skip and bias.
     """
-    A = jnp.asarray(rows, jnp.float32)
-    T = jnp.asarray(targets, jnp.float32)
+    d, c = terms[0].rows.shape[-1], terms[0].output_width
     G = jnp.asarray(gates, jnp.float32)
     index = jnp.asarray(np.asarray(neuron_gate, np.int32))
     K = int(index.shape[0])
-    params = _init_mlp(config.seed, A.shape[1], max(K, 1), T.shape[1], skip)
+    params = _init_mlp(config.seed, d, max(K, 1), c, skip)
     params.pop("b_in")
     if K == 0:  # the convex student kept no neuron: only the linear part trains
-        params["w_in"] = np.zeros((A.shape[1], 0), np.float32)
-        params["w_out"] = np.zeros((0, T.shape[1]), np.float32)
+        params["w_in"] = np.zeros((d, 0), np.float32)
+        params["w_out"] = np.zeros((0, c), np.float32)
         index = jnp.zeros((0,), jnp.int32)
 
     def predict(p: dict[str, jnp.ndarray], a: jnp.ndarray) -> jnp.ndarray:
         return _gated(p, a, G, index)
 
-    params, report = adam_fit(
-        _squared(predict),
+    params, report = fit_terms(
+        predict,
         params,
-        (A, T),
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        log_every=config.log_every,
+        terms,
+        config,
         progress=progress,
         desc="Adam (fixed gates)",
         keep_params=keep_params,
@@ -415,17 +405,18 @@ def relu_block_student(
     budget: int,
     config: AdamConfig,
     *,
-    skip: bool = True,
+    skip: bool | None = None,
     progress: bool = False,
     keep_params: bool = False,
 ) -> Any:
-    """Learned-ReLU student of ``block`` (a PreparedBlock) with about ``budget`` parameters."""
-    from cvxdist.distill.pipeline import BlockStudent
+    """Learned-ReLU student of ``block`` (a PreparedBlock) with about ``budget`` parameters
+    (with the linear skip when the convex student has one, unless ``skip`` says otherwise)."""
+    from cvxdist.distill.student import BlockStudent
 
+    skip = block.skip if skip is None else skip
     hidden = relu_hidden_for(block, budget, skip)
     params, report = train_relu_head(
-        block.rows,
-        block.targets,
+        block.terms,
         hidden,
         config,
         skip=skip,
@@ -464,14 +455,13 @@ def fixed_gate_block_student(
     ``convex`` is the convex BlockStudent solved on ``block`` (or on rows in the same reduced
     coordinates). The result has exactly the convex student's parameter count.
     """
-    from cvxdist.distill.pipeline import BlockStudent
+    from cvxdist.distill.student import BlockStudent
 
     module = convex.module
     source = convex.variables["params"]
     skip = "skip" in source
     params, report = train_fixed_gate_head(
-        block.rows,
-        block.targets,
+        block.terms,
         np.asarray(source["gates"]),
         module.neuron_gate,
         config,
@@ -522,6 +512,7 @@ def kd_students(
     progress: bool = False,
     precompute_bytes: int = 256 * 2**20,
     teacher_logits: np.ndarray | None = None,
+    keep_params: bool = False,
 ) -> list[Any]:
     """Learned-ReLU students of the stages ``cut..to`` trained by logit distillation.
 
@@ -530,9 +521,12 @@ def kd_students(
     The students are spliced into the teacher and trained jointly by Adam on the softened-logit
     KL over ``images`` (no labels); the teacher's prefix and suffix are frozen. The block input
     ``prefix(images)`` is precomputed when it fits in ``precompute_bytes``; ``teacher_logits``
-    (the teacher's logits on ``images``) may be passed to skip computing them.
+    (the teacher's logits on ``images``) may be passed to skip computing them. With
+    ``keep_params`` the report (shared by the students) holds ``snapshots``: the students'
+    variables at each point of its loss curve.
     """
-    from cvxdist.distill.pipeline import BlockStudent, stages_of
+    from cvxdist.distill.pipeline import stages_of
+    from cvxdist.distill.student import BlockStudent
     from cvxdist.teachers.teacher import batched_apply
 
     stages = stages_of(teacher, cut, to)
@@ -561,7 +555,8 @@ def kd_students(
     else:
         inputs = np.asarray(images, np.float32)
 
-    def loss_fn(variables: list[Any], x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    def loss_fn(variables: list[Any], batches: tuple) -> jnp.ndarray:
+        ((x, t),) = batches
         z = x if precompute else jax.lax.stop_gradient(fns.prefix(tv, x))
         for module, v in zip(modules, variables):
             z = module.apply(v, z)
@@ -570,15 +565,16 @@ def kd_students(
     trained, report = adam_fit(
         loss_fn,
         trainable,
-        (inputs, teacher_logits),
+        [(inputs, teacher_logits)],
         steps=config.steps,
         learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
+        batch_sizes=[config.batch_size],
         seed=config.seed,
         log_every=config.log_every,
         progress=progress,
         desc="Adam (logit KD)",
         eval_limit=2048,
+        keep_params=keep_params,
     )
     report["temperature"] = config.temperature
     students = []
@@ -596,7 +592,7 @@ class PrunedBlock:
 
     ``apply(variables, z)`` runs the teacher's block function on the teacher's variables
     with the block's own subtrees replaced by ``variables`` (``{collection: {segment: ...}}``),
-    so it composes with :func:`~cvxdist.distill.pipeline.chain` like a student module.
+    so it composes with :func:`~cvxdist.distill.student.chain` like a student module.
     """
 
     def __init__(self, teacher: Any, cut: str, to: str | None) -> None:
@@ -622,7 +618,8 @@ def pruned_block(teacher: Any, cut: str, to: str | None, budget: int) -> Any:
     the achieved non-zero count in ``params`` (it exceeds ``budget`` when the budget is
     below the unprunable parameters) and the kernel sparsity. No fine-tuning.
     """
-    from cvxdist.distill.pipeline import BlockStudent, stages_of
+    from cvxdist.distill.pipeline import stages_of
+    from cvxdist.distill.student import BlockStudent
 
     stages = stages_of(teacher, cut, to)
     block_vars = teacher.block_variables(cut, stages[-1])

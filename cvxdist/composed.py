@@ -263,6 +263,15 @@ class ComposedProblem(eqx.Module):
         )
         return dataclasses.replace(self, terms=terms, precision=precision)
 
+    def with_exact_projection(self) -> ComposedProblem:
+        """The problem with its skip/bias projection recomputed in float64 (x64 scoped)."""
+        if self.gram_pinv is None:
+            return self
+        width = self.gram_pinv.shape[0] // self.num_outputs
+        with jax.enable_x64(True):
+            gram = _unregularized_gram_pinv(self.terms, width, self.num_outputs)
+        return dataclasses.replace(self, gram_pinv=jnp.asarray(gram, self.dtype))
+
     def split_unregularized(self, beta: Array | None) -> tuple[Any, Any]:
         if beta is None:
             return None, None

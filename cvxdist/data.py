@@ -9,8 +9,11 @@ Names:
 - ``digits``: scikit-learn's bundled 8×8×1 digits (1797 images), split into a fixed
   stratified train (1437) / test (360) partition.
 - ``fashion_mnist`` / ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]`` …). Fashion-MNIST
-  defaults to the Debian/Ubuntu package ``dataset-fashion-mnist``
-  (``/usr/share/datasets/fashion-mnist``); ``data_dir`` overrides the folder.
+  comes from the Debian/Ubuntu package ``dataset-fashion-mnist``; without ``data_dir`` it is
+  read from the first folder that holds it: the package's system folder
+  (``/usr/share/datasets/fashion-mnist``), then the user cache where ``cvxdist data fetch``
+  extracts the package (`user_dataset_dir`: ``$CVXDIST_CACHE_DIR/datasets/fashion-mnist``,
+  the cache defaulting to ``${XDG_CACHE_HOME:-~/.cache}/cvxdist``).
 - ``idx``: any folder of IDX files given as ``data_dir``.
 - ``tfds:NAME``: TensorFlow Datasets by name (``tfds:cifar10``), read from ``data_dir`` (or
   TFDS's default); never downloads. Imported lazily.
@@ -31,8 +34,14 @@ import numpy as np
 
 from cvxdist.errors import UserError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Datasets a Debian package ships as IDX files: name -> (package, its folder below the root).
+DEBIAN_DATASETS = {"fashion_mnist": ("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist")}
+#: Where packages are installed (`system_dataset_dir`); tests point it elsewhere.
+SYSTEM_ROOT = Path("/")
+FASHION_MNIST_DIR = SYSTEM_ROOT / DEBIAN_DATASETS["fashion_mnist"][1]
 MNIST_DIR = Path("/usr/share/datasets/mnist")
+#: Environment variable that moves cvxdist's user cache (datasets fetched without root).
+CACHE_ENV = "CVXDIST_CACHE_DIR"
 DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "idx", "tfds:NAME")
 SPLITS = ("train", "test")
 # Datasets whose classes are not mirror-symmetric (no horizontal flips when augmenting).
@@ -101,14 +110,57 @@ def load_dataset(
     if name in ("fashion_mnist", "mnist", "idx"):
         if data_dir is not None:
             folder = Path(data_dir)
-        elif name == "fashion_mnist":
-            folder = FASHION_MNIST_DIR
+        elif name in DEBIAN_DATASETS:
+            folder = find_dataset_folder(name)
+            if folder is None:
+                searched = " nor ".join(str(f) for f in dataset_folders(name))
+                raise DatasetNotFoundError(
+                    f"dataset {name!r} is not in {searched}; {_how_to_get(name)}"
+                )
         elif name == "mnist":
             folder = MNIST_DIR
         else:
             raise UserError("dataset 'idx' needs a data_dir (a folder of IDX files)")
         return load_idx_folder(folder, split, name=name)
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def cache_dir() -> Path:
+    """cvxdist's user cache: ``$CVXDIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/cvxdist``
+    (``~/.cache/cvxdist`` by default)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cvxdist"
+
+
+def system_dataset_dir(name: str) -> Path:
+    """Where the Debian package of dataset ``name`` installs its IDX files."""
+    return SYSTEM_ROOT / DEBIAN_DATASETS[name][1]
+
+
+def user_dataset_dir(name: str) -> Path:
+    """Where ``cvxdist data fetch NAME`` extracts a dataset's package without root."""
+    return cache_dir() / "datasets" / Path(DEBIAN_DATASETS[name][1]).name
+
+
+def dataset_folders(name: str) -> tuple[Path, Path]:
+    """The folders searched for a packaged dataset, in order: system, then user cache."""
+    return system_dataset_dir(name), user_dataset_dir(name)
+
+
+def holds_idx_dataset(folder: Path) -> bool:
+    """Whether ``folder`` has the four IDX files of a train and a test split."""
+    return all(
+        _find_idx(Path(folder), f"{_IDX_PREFIX[split]}-{kind}-ubyte") is not None
+        for split in SPLITS
+        for kind in ("images-idx3", "labels-idx1")
+    )
+
+
+def find_dataset_folder(name: str) -> Path | None:
+    """The first of `dataset_folders` that holds dataset ``name``, or ``None``."""
+    return next((f for f in dataset_folders(name) if holds_idx_dataset(f)), None)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -175,6 +227,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
+def _how_to_get(name: str) -> str:
+    if name in DEBIAN_DATASETS:
+        return (
+            f"run `cvxdist data fetch {name}` (or `apt-get install {DEBIAN_DATASETS[name][0]}`) "
+            "or pass --data-dir with its IDX files"
+        )
+    if name == "mnist":
+        return "pass --data-dir with the MNIST IDX files, or use tfds:mnist with a TFDS data_dir"
+    return "pass --data-dir with the IDX files"
+
+
 def load_idx_folder(folder: str | os.PathLike, split: str = "train", name: str = "idx") -> Dataset:
     """Load ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` from ``folder``."""
     folder = Path(folder)
@@ -183,13 +246,9 @@ def load_idx_folder(folder: str | os.PathLike, split: str = "train", name: str =
     label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
     if image_path is None or label_path is None:
         missing = f"{prefix}-{'images-idx3' if image_path is None else 'labels-idx1'}-ubyte[.gz]"
-        how = {
-            "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` "
-            "or pass --data-dir with its IDX files",
-            "mnist": "pass --data-dir with the MNIST IDX files, or use tfds:mnist with a "
-            "TFDS data_dir",
-        }.get(name, "pass --data-dir with the IDX files")
-        raise DatasetNotFoundError(f"dataset {name!r}: no {missing} in {folder}; {how}")
+        raise DatasetNotFoundError(
+            f"dataset {name!r}: no {missing} in {folder}; {_how_to_get(name)}"
+        )
     images = read_idx(image_path)
     labels = read_idx(label_path)
     if images.ndim == 3:

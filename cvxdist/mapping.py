@@ -91,17 +91,39 @@ def to_network(
     )
 
 
+def gated_hidden(X: Array, gates: Array, w_in: Array, neuron_gate: Array) -> Array:
+    """Hidden layer ``(…, K)``: ``(X W_in) ⊙ 1[X G ≥ 0][…, gate of each neuron]`` for rows
+    ``X (…, d)``, gates ``(d, Q)``, ``W_in (d, K)`` and ``neuron_gate (K,)``."""
+    masks = (X @ gates) >= 0
+    return (X @ w_in) * masks[..., neuron_gate].astype(X.dtype)
+
+
+def gated_forward(
+    X: Array,
+    gates: Array,
+    w_in: Array,
+    w_out: Array,
+    neuron_gate: Array,
+    skip: Array | None = None,
+    bias: Array | None = None,
+) -> Array:
+    """The one gated forward: ``gated_hidden(X) W_out + X V + b``, ``(…, c)``.
+
+    Used by :func:`predict`, the Flax student block, the fixed-gate baseline and the
+    benchmarks alike.
+    """
+    out = gated_hidden(X, gates, w_in, neuron_gate) @ w_out
+    if skip is not None:
+        out = out + X @ skip
+    if bias is not None:
+        out = out + bias
+    return out
+
+
 def predict(net: GatedNetwork, X: Array) -> Array:
     """Outputs ``(N, c)`` of the gated network on rows ``X (N, d)``."""
     X = jnp.asarray(X, net.w_in.dtype)
-    masks = (X @ net.gates) >= 0  # (N, Q)
-    hidden = (X @ net.w_in) * masks[:, net.neuron_gate]
-    out = hidden @ net.w_out
-    if net.skip is not None:
-        out = out + X @ net.skip
-    if net.bias is not None:
-        out = out + net.bias
-    return out
+    return gated_forward(X, net.gates, net.w_in, net.w_out, net.neuron_gate, net.skip, net.bias)
 
 
 def predict_convex(weights: Weights | Solution, G: Array, X: Array) -> Array:

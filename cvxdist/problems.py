@@ -200,6 +200,14 @@ class GatedReluProblem(eqx.Module):
         """Skip ``V (d, c)`` and bias ``b (c,)`` from the stacked least-squares coefficients."""
         return operators.split_unregularized(self, beta)
 
+    def with_exact_projection(self) -> GatedReluProblem:
+        """The problem with its skip/bias Gram pseudo-inverse recomputed from its own rows in
+        float64 (e.g. after an upcast, :mod:`cvxdist.solvers.polish`)."""
+        if self.gram_pinv is None:
+            return self
+        gram_pinv = unregularized_gram_pinv(self).astype(self.dtype)
+        return dataclasses.replace(self, gram_pinv=gram_pinv)
+
     def restrict_gates(self, index: np.ndarray, size: int) -> GatedReluProblem:
         """The problem on the gates ``index`` only, padded with dead gates to ``size`` gates.
 
@@ -270,6 +278,22 @@ def validate_arrays(X: object, Y: object, G: object) -> tuple[np.ndarray, np.nda
     return X, Y, G
 
 
+def problem_dtype(X: np.ndarray, dtype: jnp.dtype | str | None) -> jnp.dtype:
+    """The float dtype of a problem with rows ``X``: ``dtype``, or X's float dtype as JAX
+    canonicalizes it (float64 becomes float32 unless x64 is enabled).
+
+    Raises:
+        ValueError: float64 asked for while x64 is disabled.
+    """
+    if dtype is None:
+        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
+        dtype = jax.dtypes.canonicalize_dtype(floating)
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    return dtype
+
+
 def default_chunk_rows(num_rows: int, num_gates: int, num_outputs: int) -> int:
     """Rows per chunk so that the ``(n, P, c)`` intermediate stays under the default budget."""
     per_row = max(1, num_gates * num_outputs)
@@ -313,12 +337,7 @@ def make_problem(
         ValueError: wrong shapes, NaN/Inf, empty arrays, bad chunk size or options.
     """
     X, Y, G = validate_arrays(X, Y, G)
-    if dtype is None:  # follow JAX: float64 input becomes float32 unless x64 is enabled
-        floating = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
-        dtype = jax.dtypes.canonicalize_dtype(floating)
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-        raise ValueError("float64 problems need jax.config.update('jax_enable_x64', True)")
+    dtype = problem_dtype(X, dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if stream and store_masks:
@@ -425,3 +444,31 @@ def _gather_gates(
     if gate_mask is not None:
         live = live & gate_mask[take]
     return G[:, take], None if masks is None else masks[..., take], live
+
+
+def unregularized_gram_pinv(problem: GatedReluProblem) -> Array | None:
+    """Pseudo-inverse of ``[X 1]ᵀ[X 1]`` (the enabled skip/bias columns) over the real rows of
+    an assembled problem, accumulated chunk by chunk and inverted in float64 (x64 is enabled
+    for this call only); ``None`` without skip or bias.
+
+    For problems whose rows are not on this host as one numpy array (rows of several
+    processes, :mod:`cvxdist.multihost`) and for float64 copies of float32 problems
+    (:mod:`cvxdist.solvers.polish`); the result is float64, cast it to the problem's dtype.
+    """
+    if not (problem.skip or problem.bias):
+        return None
+    with jax.enable_x64(True):
+        return _gram_pinv64(problem)
+
+
+@eqx.filter_jit
+def _gram_pinv64(problem: GatedReluProblem) -> Array:
+    def chunk(X_k: Array, M_k: Array | None, valid_k: Array | None) -> Array:
+        del M_k
+        features = operators._unregularized_features(problem, X_k).astype(jnp.float64)
+        if valid_k is not None:
+            features = features * valid_k[:, None]
+        return jnp.matmul(features.T, features, precision=jax.lax.Precision.HIGHEST)
+
+    gram = operators.sum_chunks(problem, chunk, problem.valid)
+    return jnp.linalg.pinv(gram, rtol=1e-10, hermitian=True)

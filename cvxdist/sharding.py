@@ -17,23 +17,13 @@ one up to the summation order of those reductions.
 The mesh axis type is ``Auto`` (GSPMD propagation), not ``Explicit``: the operators contract
 over the sharded axis and let the partitioner place the all-reduce.
 
-Multi-host (not exercised by the tests). Start every process with
-``jax.distributed.initialize()`` (coordinator address, process count and id from the
-arguments or the cluster environment: SLURM, Open MPI, TPU pods, Kubernetes). ``jax.devices()``
+Multi-host: :mod:`cvxdist.multihost` (``jax.distributed``; tested with two processes on one
+machine). Every process joins with :func:`cvxdist.multihost.initialize`; ``jax.devices()``
 then lists the devices of all processes and :func:`row_mesh` builds the global mesh over them.
-:func:`cvxdist.problems.make_problem` expects the full arrays on every process, which is fine
-while ``X`` fits in one host's memory. Beyond that, each process loads only its own rows and
-builds the global arrays with :func:`jax.make_array_from_process_local_data`::
-
-    jax.distributed.initialize()
-    mesh = row_mesh()                                     # all devices of all processes
-    spec = NamedSharding(mesh, PartitionSpec(None, "rows", None))
-    X = jax.make_array_from_process_local_data(spec, X_local)   # X_local: (K, n_local, d)
-    Y = jax.make_array_from_process_local_data(spec, Y_local)
-
-and assembles ``GatedReluProblem(X, Y, G, None, valid, gram_pinv, N, ...)`` with the same
-layout (``gram_pinv`` from an all-reduced Gram matrix of the skip/bias columns). The solve
-code is the same on every process, and the all-reduces then cross hosts.
+:func:`cvxdist.problems.make_problem` expects the full arrays on every process;
+:func:`cvxdist.multihost.make_distributed_problem` takes each process's own rows and builds
+the same layout with :func:`jax.make_array_from_process_local_data`. The solve code is the
+same on every process, and the all-reduces then cross processes.
 """
 
 from __future__ import annotations

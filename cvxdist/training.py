@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,7 @@ import optax
 
 from cvxdist.data import Dataset, load_dataset
 from cvxdist.errors import UserError
-from cvxdist.teachers.checkpoint import load_tree, save_tree
+from cvxdist.teachers.checkpoint import CheckpointError, file_sha256, load_tree, save_tree
 from cvxdist.teachers.models import ArchConfig, build_model
 from cvxdist.teachers.teacher import (
     METADATA_NAME,
@@ -41,6 +43,7 @@ from cvxdist.teachers.teacher import (
 )
 
 STATE_NAME = "train_state.msgpack"
+PENDING_STATE_NAME = "train_state.next.msgpack"  # written, not yet named by teacher.json
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -67,8 +70,16 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.epochs < 1 or self.batch_size < 1 or self.width <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.width < math.inf:
             raise UserError("epochs, batch size and width must be positive")
+        if self.seed < 0:
+            raise UserError(f"the seed must be >= 0, got {self.seed}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise UserError(f"the learning rate must be a finite positive number, got {self.lr}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise UserError(
+                f"the weight decay must be a finite number >= 0, got {self.weight_decay}"
+            )
         lr = self.lr
         if lr is None:
             lr = 0.1 * self.batch_size / 128 if self.optimizer == "sgd" else 2e-3
@@ -177,6 +188,13 @@ def train_teacher(
 
     cfg = config.resolved()
     out = Path(out_dir)
+    previous = _committed_run(out)
+    resume = previous is not None and (out / STATE_NAME).is_file()
+    if resume and previous.get("training") != _config_json(cfg):
+        raise UserError(
+            f"{out} holds a training run with a different configuration; "
+            "use another --out or delete it"
+        )
     train = load_dataset(cfg.dataset, "train", data_dir)
     test = load_dataset(cfg.dataset, "test", data_dir)
     channels = train.image_shape[-1]
@@ -195,17 +213,10 @@ def train_teacher(
     variables = init_variables(arch, train.image_shape, cfg.seed)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-    meta_path = out / METADATA_NAME
     history: list[dict[str, Any]] = []
     start_epoch = 0
     elapsed = cpu_elapsed = 0.0
-    if meta_path.is_file() and (out / STATE_NAME).is_file():
-        previous = json.loads(meta_path.read_text())
-        if previous.get("training") != _config_json(cfg):
-            raise UserError(
-                f"{out} holds a training run with a different configuration; "
-                "use another --out or delete it"
-            )
+    if resume:
         saved = load_tree(
             out / STATE_NAME,
             {"state": state, "epoch": 0},
@@ -272,7 +283,9 @@ def train_teacher(
                 flush=True,
             )
         out.mkdir(parents=True, exist_ok=True)
-        state_sha = save_tree(out / STATE_NAME, {"state": state, "epoch": epoch + 1})
+        # teacher.json is the commit point: the new state waits beside the old one until
+        # teacher.json names it, so a run killed at any moment resumes (_committed_run).
+        state_sha = save_tree(out / PENDING_STATE_NAME, {"state": state, "epoch": epoch + 1})
         meta = save_teacher(
             out,
             arch,
@@ -293,6 +306,24 @@ def train_teacher(
                 "history": history,
             },
         )
+        os.replace(out / PENDING_STATE_NAME, out / STATE_NAME)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
+    return meta
+
+
+def _committed_run(out: Path) -> dict[str, Any] | None:
+    """The last committed ``teacher.json`` of a run in ``out`` (None if there is none), with
+    its training state in place: a state that was written and named by ``teacher.json``
+    before the run was killed is moved to ``STATE_NAME``; one that was not is ignored."""
+    meta_path = out / METADATA_NAME
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is not a valid teacher file: {err}") from None
+    pending = out / PENDING_STATE_NAME
+    if pending.is_file() and file_sha256(pending) == meta.get("train_state_sha256"):
+        os.replace(pending, out / STATE_NAME)
     return meta

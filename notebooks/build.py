@@ -201,11 +201,13 @@ def distill_block() -> nbformat.NotebookNode:
                 # cvxdist 2: replace a ResNet block by a convex student
 
                 The last stage of a trained teacher is replaced by a gated two-layer block
-                fitted to the teacher's own activations (no labels), solved to a certified
-                optimum, spliced back and evaluated without fine-tuning; then compared with a
-                same-size ReLU block trained by Adam on the same rows, the convex student's
-                network trained by Adam (fixed gates), and magnitude pruning of the teacher
-                block.
+                fitted to what the rest of the network reads (no labels): after the last
+                stage the suffix is a global pool and a dense layer, so the teacher's logits
+                are a linear function of the block's output and matching them is still a
+                convex problem. It is solved to a certified optimum, spliced back and
+                evaluated without fine-tuning; then compared with a same-size ReLU block
+                trained by Adam on the same objective, the convex student's network trained
+                by Adam (fixed gates), and magnitude pruning of the teacher block.
                 """,
                 COLAB_NOTE,
             ),
@@ -243,13 +245,16 @@ def distill_block() -> nbformat.NotebookNode:
             ),
             md(
                 """
-                ## Rows, reduction and the convex solve
+                ## Activations, reduction and the convex solve
 
-                `prepare_block` streams the images through the teacher, takes `3×3` patches of
-                the block input at sampled output locations (rows) and the teacher's block
-                output there (targets), and reduces both by PCA. `solve_prepared` samples gates
-                from the rows, solves the group-lasso (`coupled`) problem to a relative duality
-                gap ≤ `tol` (whole gates are pruned) and maps the solution to a Flax block.
+                `prepare_block` streams whole images through the teacher, takes `3×3` patches
+                of the block input at every output location (rows), reduces them by PCA, and
+                builds the objective's data terms: by default after the last stage the
+                teacher's logits through its head (`objective="logits"`; the alternatives are
+                `"activations"`, `"mixed"` and `"gauss-newton"`). `solve_prepared` samples
+                gates from the rows, solves the group-lasso (`coupled`) problem to a relative
+                duality gap ≤ `tol` (whole gates are pruned), refits the output layer on the
+                same objective and maps the solution to a Flax block.
                 """
             ),
             code(
@@ -258,10 +263,10 @@ def distill_block() -> nbformat.NotebookNode:
                 from cvxdist.distill.pipeline import prepare_block, solve_prepared
 
                 config = DistillConfig(cut=cut, gates=GATES, max_rows=MAX_ROWS, lam_frac=0.02,
-                                       reg="coupled", max_input_dim=32, max_output_dim=16)
+                                       reg="coupled", max_input_dim=16, refit=True)
                 block = prepare_block(teacher, subset.images, cut, config, progress=not TINY)
                 convex = solve_prepared(teacher, block, config, (0.02,), progress=False)
-                print(block.rows.shape, "->", block.targets.shape)
+                print(block.objective, [(t.kind, t.rows.shape) for t in block.terms])
                 keys = ("rel_gap", "iterations", "active_gates", "neurons", "params")
                 {k: convex.report[k] for k in keys}
                 """
@@ -270,10 +275,10 @@ def distill_block() -> nbformat.NotebookNode:
                 """
                 ## Baselines of the same size
 
-                A learned-ReLU student trained by Adam on the same rows and loss, the convex
-                student's own network trained by Adam (fixed gates, non-convex), and global
-                magnitude pruning of the teacher block to the same number of parameters (no
-                fine-tuning). See `cvxdist.baselines`.
+                A learned-ReLU student trained by Adam on the same data terms (the same
+                objective), the convex student's own network trained by Adam (fixed gates,
+                non-convex), and global magnitude pruning of the teacher block to the same
+                number of parameters (no fine-tuning). See `cvxdist.baselines`.
                 """
             ),
             code(
@@ -291,7 +296,7 @@ def distill_block() -> nbformat.NotebookNode:
                 """
                 from IPython.display import Markdown, display
 
-                from cvxdist.distill.pipeline import spliced_predict
+                from cvxdist.distill import spliced_predict
 
                 reference = teacher.predict(test.images).argmax(-1)
                 lines = [
@@ -300,8 +305,12 @@ def distill_block() -> nbformat.NotebookNode:
                     f"| teacher | {np.mean(reference == test.labels):.4f} | 1 | "
                     f"{teacher.block_params(cut)} |",
                 ]
-                students = {"convex (certified)": convex, "ReLU, Adam": relu,
-                            "fixed gates, Adam": fixed, "magnitude pruning": pruned}
+                local = DistillConfig(**{**vars(config), "objective": "activations"})
+                local_block = prepare_block(teacher, subset.images, cut, local, progress=False)
+                activations = solve_prepared(teacher, local_block, local, (0.02,), progress=False)
+                students = {"convex (certified)": convex, "convex, fitted to activations":
+                            activations, "ReLU, Adam": relu, "fixed gates, Adam": fixed,
+                            "magnitude pruning": pruned}
                 for name, student in students.items():
                     pred = spliced_predict(teacher, cut, cut, [student])(test.images).argmax(-1)
                     lines.append(f"| {name} | {np.mean(pred == test.labels):.4f} | "
@@ -318,7 +327,7 @@ def distill_block() -> nbformat.NotebookNode:
             ),
             code(
                 """
-                from cvxdist.distill.pipeline import evaluate_spliced
+                from cvxdist.distill import evaluate_spliced
 
                 evaluate_spliced(teacher, [convex], cut, None, test.images, test.labels)
                 """
@@ -340,7 +349,7 @@ def distill_block() -> nbformat.NotebookNode:
 
                 rest, held = holdout_split(subset, 0.2, seed=0)
                 fracs = (0.2, 0.02) if TINY else (0.3, 0.1, 0.05, 0.02, 0.01, 0.005)
-                gates, path, _ = solve_block(block.rows, block.targets, config, fracs, False)
+                gates, path, _ = solve_block(block, config, fracs, False)
                 reference = teacher.predict(held.images).argmax(-1)
                 sizes, agreements = [], []
                 for solution in path:
@@ -395,7 +404,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 from cvxdist.commands.bench import benchmarks_root, load_benchmark
 
                 TINY = os.environ.get("CVXDIST_TINY") == "1"
-                harness = load_benchmark("distill")  # benchmarks/distill.py of the checkout
+                harness = load_benchmark("distill")  # benchmarks/distill/ of the checkout
                 OUT = Path(tempfile.mkdtemp(prefix="bench-distill-"))
                 """
             ),
@@ -403,9 +412,10 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                 """
                 ## A tiny grid
 
-                One seed, the digits teacher, E3 only: the convex solver run to a series of
-                duality-gap tolerances against Adam's loss curve, compilation excluded. The full
-                grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
+                One seed, the digits teacher, E3's first part only: the convex solver run to a
+                series of duality-gap tolerances against Adam's loss curve, compilation excluded
+                (`e3_lam_path=()` leaves out the second part, test accuracy against wall time).
+                The full grid is `harness.full_grid(harness.default_teacher())`; `--quick` is
                 `harness.quick_grid()`.
                 """
             ),
@@ -418,8 +428,9 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
                     seeds=(0,),
                     e3_methods=("relu-adam",),
                     e3_adam_steps=100 if TINY else 1000,
+                    e3_lam_path=(),
                 )
-                payload = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                payload = harness.run_grid(OUT, grid, ["E3"], log=print)
                 print(payload["computed"], "points computed,", payload["reused"], "reused")
                 """
             ),
@@ -439,7 +450,7 @@ def benchmarks_notebook() -> nbformat.NotebookNode:
             ),
             code(
                 """
-                again = harness.run(OUT, grid=grid, only=["E3"], log=print)
+                again = harness.run_grid(OUT, grid, ["E3"], log=print)
                 assert again["computed"] == 0, again["computed"]
                 """
             ),

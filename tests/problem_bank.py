@@ -1,16 +1,42 @@
-"""A shared bank of small gated-ReLU problems and their CVXPY reference optima."""
+"""A shared bank of small gated-ReLU problems, their CVXPY optima and a numpy objective.
+
+Everything a test needs to judge a solve independently of the solver core:
+
+- :meth:`BankProblem.problem` builds the cvxdist problem (the only call into the core);
+- :meth:`BankProblem.objective` recomputes the objective of returned weights in float64 numpy;
+- :func:`cvxpy_reference` solves the same problem with CVXPY (cached per process, so every
+  test that asks for the same (problem, regularizer, λ) shares one solve).
+
+A new problem *kind* (a new data term) is a :class:`BankProblem` subclass that overrides
+``kind``, :meth:`~BankProblem.problem`, :meth:`~BankProblem.loss_numpy` and
+:meth:`~BankProblem.loss_cvxpy`; listed in :data:`BANK` it joins every table that accepts its
+kind (see ``tests/test_reference_table.py``).
+"""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import cvxpy as cp
 import numpy as np
 
+from cvxdist.problems import lam_max, make_problem
+from cvxdist.prox import GroupElastic, get_regularizer
+
+CVXPY_REGS = ("coupled", "one_vs_all", "nuclear", "group_elastic")
+ELASTIC_ALPHA = 0.5
+LAM_FRAC = 0.1
+
 
 @dataclass(frozen=True)
 class BankProblem:
+    """A seeded planted problem: rows ``X``, targets ``Y`` of a gated network plus noise,
+    gates ``G``; the plain activations data term ``1/(2N) ||Σ_i m_i ⊙ (X U_i) (+XV+b) − Y||²``."""
+
+    kind: ClassVar[str] = "activations"
+
     name: str
     N: int
     d: int
@@ -34,6 +60,50 @@ class BankProblem:
         G = rng.standard_normal((self.d, self.P))
         return X, Y, G
 
+    def problem(self, dtype: str = "float64", **options: Any) -> Any:
+        """The cvxdist problem; ``options`` override the bank's ``make_problem`` settings."""
+        X, Y, G = self.arrays()
+        settings = {
+            "skip": self.skip,
+            "bias": self.bias,
+            "chunk_rows": self.chunk_rows,
+            "store_masks": self.store_masks,
+            "dtype": dtype,
+            **options,
+        }
+        return make_problem(X, Y, G, **settings)
+
+    def predict_numpy(self, U: np.ndarray, V: Any = None, b: Any = None) -> np.ndarray:
+        X, _, G = self.arrays()
+        masks = (X @ G >= 0).astype(float)
+        pred = np.einsum("np,npc->nc", masks, np.einsum("nd,pdc->npc", X, U))
+        if V is not None:
+            pred = pred + X @ np.asarray(V, np.float64)
+        if b is not None:
+            pred = pred + np.asarray(b, np.float64)
+        return pred
+
+    def loss_numpy(self, U: np.ndarray, V: Any = None, b: Any = None) -> float:
+        """The data term of the weights, in float64 numpy (1/(2N) convention)."""
+        _, Y, _ = self.arrays()
+        return 0.5 * float(np.sum((self.predict_numpy(U, V, b) - Y) ** 2)) / self.N
+
+    def loss_cvxpy(self, blocks: list) -> cp.Expression:
+        """The data term as a CVXPY expression of the gate blocks (skip and bias added here)."""
+        X, Y, G = self.arrays()
+        masks = (X @ G >= 0).astype(float)
+        pred = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
+        if self.skip:
+            pred = pred + X @ cp.Variable((self.d, self.c))
+        if self.bias:
+            pred = pred + np.ones((self.N, 1)) @ cp.Variable((1, self.c))
+        return cp.sum_squares(pred - Y) / (2 * self.N)
+
+    def objective(self, reg: str, lam: float, U: Any, V: Any = None, b: Any = None) -> float:
+        """F(U) = data term + λ R(U), recomputed in float64 numpy from the weights."""
+        U = np.asarray(U, np.float64)
+        return self.loss_numpy(U, V, b) + lam * penalty_numpy(reg, U)
+
 
 BANK = (
     BankProblem("tall", N=60, d=5, c=2, P=8),
@@ -44,13 +114,50 @@ BANK = (
     ),
     BankProblem("wide", N=30, d=12, c=2, P=10, seed=4),
 )
-BANK_BY_NAME = {p.name: p for p in BANK}
 
-CVXPY_REGS = ("coupled", "one_vs_all", "nuclear", "group_elastic")
-ELASTIC_ALPHA = 0.5
+# ---------------------------------------------------------------------------------------
+# EXTENSION POINT: composed data terms (pooled rows S, a dense head H, per-group Jacobians
+# J_n, weighted sums of terms; DESIGN §2a). Add each as a BankProblem subclass with
+# `kind = "<name>"` overriding `problem` (build it through the public API), `loss_numpy`
+# (float64 numpy) and `loss_cvxpy` (the same term in CVXPY), and append an instance here.
+# The reference table runs it on every solver path whose `kinds` include it.
+# ---------------------------------------------------------------------------------------
+COMPOSED_BANK: tuple[BankProblem, ...] = ()
+
+BANK_BY_NAME = {p.name: p for p in (*BANK, *COMPOSED_BANK)}
 
 
-def _penalty(reg: str, blocks: list) -> cp.Expression:
+def regularizer(name: str) -> Any:
+    """The regularizer object of a bank name (``group_elastic`` at the bank's α)."""
+    return GroupElastic(alpha=ELASTIC_ALPHA) if name == "group_elastic" else get_regularizer(name)
+
+
+def block_norms_numpy(reg: str, U: np.ndarray) -> np.ndarray:
+    """The norms R sums (per gate, per gate and output, or the singular values), in numpy."""
+    if reg == "one_vs_all":
+        return np.linalg.norm(U, axis=1)
+    if reg == "nuclear":
+        return np.linalg.svd(U, compute_uv=False)
+    return np.linalg.norm(U, axis=(1, 2))  # coupled, group_elastic
+
+
+def penalty_numpy(reg: str, U: np.ndarray) -> float:
+    """R(U) in float64 numpy, from the definitions (DESIGN §2)."""
+    norms = block_norms_numpy(reg, U)
+    if reg == "group_elastic":
+        return float(np.sum(ELASTIC_ALPHA * norms + 0.5 * (1 - ELASTIC_ALPHA) * norms**2))
+    return float(np.sum(norms))
+
+
+def dual_norm_numpy(reg: str, Z: np.ndarray) -> float:
+    """R°(Z): the largest dual block norm (each block norm here is self-dual or, for the
+    nuclear norm, dual to the spectral norm: the largest singular value); /α for
+    ``group_elastic``, whose subdifferential at zero is α times the coupled one."""
+    top = float(np.max(block_norms_numpy(reg, Z)))
+    return top / ELASTIC_ALPHA if reg == "group_elastic" else top
+
+
+def _penalty_cvxpy(reg: str, blocks: list) -> cp.Expression:
     if reg == "coupled":
         return sum(cp.norm(u, "fro") for u in blocks)
     if reg == "one_vs_all":
@@ -64,21 +171,32 @@ def _penalty(reg: str, blocks: list) -> cp.Expression:
 
 
 @functools.cache
+def bank_lam(name: str, reg: str, frac: float = LAM_FRAC) -> float:
+    """``frac · λ_max`` of a bank problem, from the float64 problem (shared by every dtype, so
+    float32 and bf16 solves are compared with the same cached CVXPY optimum)."""
+    import jax
+
+    with jax.enable_x64(True):
+        problem = BANK_BY_NAME[name].problem("float64")
+        return frac * float(lam_max(problem, regularizer(reg)))
+
+
 def cvxpy_reference(name: str, reg: str, lam: float) -> tuple[float, np.ndarray]:
-    """CVXPY optimum (objective, U (P, d, c)) in the 1/(2N) convention."""
-    spec = BANK_BY_NAME[name]
-    X, Y, G = spec.arrays()
-    N, d = X.shape
-    c = Y.shape[1]
-    masks = (X @ G >= 0).astype(float)
-    blocks = [cp.Variable((d, c)) for _ in range(G.shape[1])]
-    pred = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
-    if spec.skip:
-        pred = pred + X @ cp.Variable((d, c))
-    if spec.bias:
-        pred = pred + np.ones((N, 1)) @ cp.Variable((1, c))
-    objective = cp.sum_squares(pred - Y) / (2 * N) + lam * _penalty(reg, blocks)
+    """CVXPY optimum (objective, U (P, d, c)) of the bank problem ``name``, 1/(2N) convention."""
+    return cvxpy_solution(BANK_BY_NAME[name], reg, lam)
+
+
+@functools.cache
+def cvxpy_solution(spec: BankProblem, reg: str, lam: float) -> tuple[float, np.ndarray]:
+    """CVXPY optimum of any bank-style problem (cached per problem, regularizer and λ)."""
+    blocks = [cp.Variable((spec.d, spec.c)) for _ in range(spec.P)]
+    objective = spec.loss_cvxpy(blocks) + lam * _penalty_cvxpy(reg, blocks)
     problem = cp.Problem(cp.Minimize(objective))
     problem.solve(solver=cp.CLARABEL)
     assert problem.status == cp.OPTIMAL, problem.status
     return float(problem.value), np.stack([u.value for u in blocks])
+
+
+def build(spec: BankProblem, dtype: str = "float64", **options: Any) -> Any:
+    """``spec.problem(dtype, **options)``: the cvxdist problem of a bank entry."""
+    return spec.problem(dtype, **options)

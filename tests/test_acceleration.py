@@ -12,7 +12,7 @@ from problem_bank import BANK_BY_NAME, cvxpy_reference
 from test_composed import build as build_composed
 from test_composed import cvxpy_optimum
 from test_screening import build
-from test_solvers import objective_np, regularizer
+from test_solvers import regularizer
 from test_working_sets import assert_certified, assert_path_matches_cvxpy
 
 from cvxdist.duality import lam_max
@@ -38,7 +38,7 @@ def test_anderson_matches_cvxpy(x64, name, reg, options):
     solution = solve(problem, lam, reg=reg_obj, solver=solver, tol=1e-9, max_iters=100_000)
     assert solution.converged, solution.message
     w = solution.weights
-    ours = objective_np(spec, reg, lam, np.asarray(w.U), w.V, w.b)
+    ours = spec.objective(reg, lam, w.U, w.V, w.b)
     assert abs(ours - reference) <= 1e-6 * abs(reference)
     assert_certified(problem, reg_obj, solution, 1e-9)
 

@@ -14,12 +14,12 @@ from cvxdist.mapping import predict_convex
 from cvxdist.problems import evaluate, lam_max, make_problem
 from cvxdist.prox import get_regularizer
 from cvxdist.solvers import RESULTS, Admm, solve, solve_batch, trace_count
-from cvxdist.solvers.admm import (
-    _nystrom_precondition,
-    _pcg,
+from cvxdist.solvers.kernel import (
     apply_kernel,
     dense_kernel,
     nystrom,
+    nystrom_precondition,
+    pcg,
 )
 
 # Every test runs with 64-bit arrays (the conftest fixture), so checks can be tight.
@@ -103,9 +103,9 @@ def test_nystrom_of_full_rank_reproduces_the_kernel_and_preconditions_exactly():
     # Full rank: the preconditioned operator is (λ_min + μ) I, so one CG step solves.
     mu = 0.3
     b = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 2)))
-    solution, _, steps = _pcg(
+    solution, _, steps = pcg(
         lambda V: mu * V + kernel @ V,
-        lambda R: _nystrom_precondition(vecs, vals, mu, R),
+        lambda R: nystrom_precondition(vecs, vals, mu, R),
         b,
         jnp.zeros_like(b),
         1e-10,

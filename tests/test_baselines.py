@@ -11,18 +11,15 @@ import pytest
 
 from cvxdist import baselines as B
 from cvxdist.data import load_dataset, samples_per_class
-from cvxdist.distill.pipeline import (
-    DistillConfig,
-    evaluate_spliced,
-    prepare_block,
-    solve_prepared,
-    spliced_predict,
-)
+from cvxdist.distill.evaluation import evaluate_spliced, spliced_predict
+from cvxdist.distill.objectives import objective_loss
+from cvxdist.distill.pipeline import DistillConfig, prepare_block, solve_prepared
 from cvxdist.distill.student import parameter_count
 from cvxdist.streaming import image_patches
 from cvxdist.teachers import load_teacher
 
 CONFIG = {
+    "objective": "activations",
     "reg": "coupled",
     "gates": 12,
     "max_rows": 500,
@@ -108,8 +105,8 @@ def test_relu_student_matches_the_budget_and_its_rows(teacher, data, solved):
 
 def test_mini_batch_adam_draws_batches(solved):
     block, _ = solved
-    full = B.train_relu_head(block.rows, block.targets, 8, B.AdamConfig(steps=100, batch_size=None))
-    mini = B.train_relu_head(block.rows, block.targets, 8, B.AdamConfig(steps=100, batch_size=32))
+    full = B.train_relu_head(block.terms, 8, B.AdamConfig(steps=100, batch_size=None))
+    mini = B.train_relu_head(block.terms, 8, B.AdamConfig(steps=100, batch_size=32))
     # Same init (same seed); different trajectories because the mini-batches differ.
     assert full[1]["curve"][0]["loss"] == pytest.approx(mini[1]["curve"][0]["loss"])
     assert not np.allclose(full[0]["w_in"], mini[0]["w_in"])
@@ -136,17 +133,31 @@ def test_fixed_gate_student_has_the_convex_gates_and_size(teacher, data, solved)
     _module_rows_agree(teacher, block, student, predict, train.images[:6])
 
 
-def test_gated_head_at_the_convex_weights_fits_no_worse_than_the_objective(solved):
+def test_gated_head_at_the_convex_weights_has_the_convex_loss(solved):
     """The gated head Adam trains, evaluated at the convex student's own weights, is the
-    convex model: its data loss is at most the certified objective (loss + λR)."""
+    convex model: its loss is the data term of the certified objective, which is that
+    objective minus λ R(U) with U rebuilt from the neurons (all in float64 numpy here)."""
     block, convex = solved
     p = convex.variables["params"]
     index = jnp.asarray(convex.module.neuron_gate, jnp.int32)
-    rows, targets = jnp.asarray(block.rows), jnp.asarray(block.targets)
-    loss = B._squared(lambda q, a: B._gated(q, a, p["gates"], index))
+    (term,) = block.terms
+    loss = objective_loss(block.terms, lambda q, a: B._gated(q, a, p["gates"], index))
     head = {k: p[k] for k in ("w_in", "w_out", "bias", "skip")}
-    start = float(loss(head, rows, targets))
-    assert start <= float(convex.report["objective"]) + 1e-4  # data loss ≤ objective
+    ours = float(loss(head, [(term.rows, term.targets, None)]))
+    f64 = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    a = np.asarray(term.rows, np.float64).reshape(-1, term.rows.shape[-1])
+    targets = np.asarray(term.targets, np.float64).reshape(len(a), -1)
+    gate_of = np.asarray(convex.module.neuron_gate)
+    masks = (a @ f64["gates"] >= 0)[:, gate_of]
+    pred = ((a @ f64["w_in"]) * masks) @ f64["w_out"] + f64["bias"] + a @ f64["skip"]
+    expected = 0.5 * np.mean(np.sum((pred - targets) ** 2, axis=-1))
+    assert ours == pytest.approx(expected, rel=1e-5)
+    U = [  # U_i = Σ over gate i's neurons of w_in w_outᵀ
+        f64["w_in"][:, gate_of == i] @ f64["w_out"][gate_of == i] for i in np.unique(gate_of)
+    ]
+    penalty = sum(np.linalg.norm(u) for u in U)  # coupled
+    objective = convex.report["objective"]
+    assert expected + convex.report["lam"] * penalty == pytest.approx(objective, rel=1e-4)
 
 
 def test_kd_loss_is_zero_only_at_the_teacher():

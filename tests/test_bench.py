@@ -95,14 +95,15 @@ def test_finished_problems_are_reused_only_for_the_same_commit(bench, tmp_path, 
         return {**fake, "run": len(calls)}
 
     state = {"git_commit": "abc", "package_modified_since_commit": False}
-    monkeypatch.setattr(bench, "run_problem", run_problem)
-    monkeypatch.setattr(bench, "machine_description", lambda *_: dict(state))
-    monkeypatch.setattr(bench, "summarize", lambda problems: {})
-    monkeypatch.setattr(bench, "markdown_report", lambda payload: "")
+    harness = bench.harness
+    monkeypatch.setattr(harness, "run_problem", run_problem)
+    monkeypatch.setattr(harness, "machine_description", lambda *_: dict(state))
+    monkeypatch.setattr(harness, "summarize", lambda problems: {})
+    monkeypatch.setattr(harness, "markdown_report", lambda payload: "")
     runs = []
     for commit, modified in [("abc", False), ("abc", False), ("def", False), ("def", True)]:
         state.update(git_commit=commit, package_modified_since_commit=modified)
-        runs.append(bench.run(tmp_path, quick=True)["problems"][0]["run"])
+        runs.append(bench.run_benchmark(tmp_path, quick=True)["problems"][0]["run"])
     assert runs == [1, 1, 2, 3] and len(calls) == 3
 
 
@@ -160,3 +161,93 @@ def test_unknown_problem_is_a_clear_error(tmp_path, capsys):
 def test_bench_without_a_benchmark_prints_help(capsys):
     assert main(["bench"]) == 2
     assert "solvers" in capsys.readouterr().out
+
+
+def test_report_only_rewrites_the_committed_table_from_its_json(tmp_path, capsys):
+    """``--report-only`` measures nothing (no pyscnn needed) and reproduces solvers.md."""
+    results = bench_command.benchmarks_root() / "benchmarks" / "results"
+    (tmp_path / "solvers.json").write_bytes((results / "solvers.json").read_bytes())
+    assert main(["bench", "solvers", "--report-only", "--out", str(tmp_path)]) == 0
+    committed = (results / "solvers.md").read_text()
+    assert (tmp_path / "solvers.md").read_text() == committed
+    assert committed.strip() in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["solvers.json", "solvers.md"]
+
+
+def test_report_only_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "solvers", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "no solver benchmark results" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- the interface
+
+
+@pytest.mark.parametrize("name", sorted(bench_command.BENCHMARKS))
+def test_every_benchmark_follows_the_interface(name):
+    module = bench_command.load_benchmark(name)
+    assert bench_command.interface_problems(module) == []
+    assert isinstance(module, bench_command.Benchmark)
+
+
+def _fake_benchmark(monkeypatch, **members):
+    """Register ``cvxdist bench fake`` backed by a module holding ``members``."""
+    import sys
+    import types
+
+    module = types.ModuleType("fake_cvxdist_benchmark")
+    for key, value in members.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(bench_command.BENCHMARKS, "fake", (module.__name__, "a test benchmark"))
+    return module
+
+
+def test_a_module_without_the_interface_is_named_with_what_it_lacks(monkeypatch, tmp_path, capsys):
+    _fake_benchmark(monkeypatch, register=lambda parser: None, run=lambda out_dir, quick: {})
+    assert main(["bench", "fake", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "fake_cvxdist_benchmark does not follow the benchmark interface" in err
+    assert "no report(out_dir)" in err and "run(args) -> int" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_conforming_module_gets_its_options_the_common_ones_and_report_only(
+    monkeypatch, tmp_path, capsys
+):
+    calls = []
+
+    def register(parser):
+        parser.add_argument("--level", type=int, default=1)
+
+    def run(args):
+        calls.append(("run", args.out, args.quick, args.only, args.repeats, args.level))
+        return 3
+
+    def report(out_dir):
+        calls.append(("report", out_dir))
+        return "# the report"
+
+    module = _fake_benchmark(monkeypatch, register=register, run=run, report=report)
+    assert bench_command.interface_problems(module) == []
+    out = tmp_path / "o"
+    argv = ["bench", "fake", "--out", str(out), "--quick", "--only", "a", "b", "--repeats", "2"]
+    assert main([*argv, "--level", "5"]) == 3  # run's status is the exit status
+    assert main(["bench", "fake", "--out", str(out), "--report-only"]) == 0
+    assert "# the report" in capsys.readouterr().out
+    assert calls == [("run", out, True, ["a", "b"], 2, 5), ("report", out)]
+    assert main(["bench", "fake", "--out", str(out), "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert len(calls) == 2
+
+
+def test_other_commands_do_not_import_the_benchmarks():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cvxdist.cli import build_parser; build_parser().parse_args(['demo', "
+        "'--out', 'x']); print(sorted(m for m in sys.modules if m.startswith('benchmarks')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

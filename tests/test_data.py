@@ -10,9 +10,9 @@ import pytest
 
 from cvxdist.cli import main
 from cvxdist.data import (
-    FASHION_MNIST_DIR,
     DatasetFormatError,
     DatasetNotFoundError,
+    find_dataset_folder,
     holdout_split,
     load_dataset,
     read_idx,
@@ -126,8 +126,8 @@ def test_unknown_dataset_and_split_are_rejected():
 
 
 @pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="dataset-fashion-mnist is not installed",
+    find_dataset_folder("fashion_mnist") is None,
+    reason="Fashion-MNIST is not there: `make test` fetches it (`cvxdist data fetch`)",
 )
 def test_fashion_mnist_default_location():
     test = load_dataset("fashion_mnist", "test")

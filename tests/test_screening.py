@@ -7,36 +7,17 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problem_bank import BANK, BANK_BY_NAME, CVXPY_REGS, ELASTIC_ALPHA, cvxpy_reference
+from problem_bank import BANK, BANK_BY_NAME, CVXPY_REGS, build, cvxpy_reference, regularizer
 
 from cvxdist import operators
 from cvxdist.cli import main
 from cvxdist.problems import lam_max, make_problem, restrict_gates
-from cvxdist.prox import GroupElastic, get_regularizer
 from cvxdist.screening import bucket_size, operator_norm_bounds, screen
 from cvxdist.solvers import RESULTS, make_solver, solve
 from cvxdist.solvers.phases import solve_phased
 
 # At this λ a good part of the bank's gates is zero at the optimum.
 LAM_FRAC = 0.3
-
-
-def build(spec, dtype="float64"):
-    X, Y, G = spec.arrays()
-    return make_problem(
-        X,
-        Y,
-        G,
-        skip=spec.skip,
-        bias=spec.bias,
-        chunk_rows=spec.chunk_rows,
-        store_masks=spec.store_masks,
-        dtype=dtype,
-    )
-
-
-def regularizer(name):
-    return GroupElastic(alpha=ELASTIC_ALPHA) if name == "group_elastic" else get_regularizer(name)
 
 
 def test_operator_norm_bounds_are_upper_bounds(x64):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cvxdist.cli import main
-from cvxdist.data import FASHION_MNIST_DIR, load_dataset
+from cvxdist.data import find_dataset_folder, load_dataset
 from cvxdist.teachers import (
     ArchConfig,
     CheckpointError,
@@ -43,16 +43,25 @@ def _tiny(model, width, shape, seed=0):
     return untrained_teacher(config, shape, seed=seed)
 
 
-@pytest.mark.parametrize(("model", "width", "shape"), TINY)
-def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, width, shape):
+# Every cut pair of the ResNets compiles for minutes (slow); by default they check the stage
+# pairs and every single block, and small_cnn checks every pair.
+CUT_PAIRS = [
+    (*TINY[0], True),
+    *((*tiny, False) for tiny in TINY[1:]),
+    *(pytest.param(*tiny, True, marks=pytest.mark.slow) for tiny in TINY[1:]),
+]
+
+
+@pytest.mark.parametrize(("model", "width", "shape", "every"), CUT_PAIRS)
+def test_prefix_block_suffix_compose_to_the_teacher_for_every_cut_pair(model, width, shape, every):
     teacher = _tiny(model, width, shape)
     cuts = teacher.cuts
     assert cuts[0] == "stem" and cuts[-1] == "head"
     assert len(cuts) == (6 if model == "resnet18" else 5)
     segments = teacher.segments  # the finest cuts: every block (stage names are their spans)
     assert len(segments) == {"small_cnn": 7, "resnet20": 11, "resnet18": 10}[model]
-    pairs = [(a, b) for i, a in enumerate(segments) for b in segments[i:]]
-    pairs += [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+    pairs = [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+    pairs += [(a, b) for i, a in enumerate(segments) for b in segments[i:] if every or a == b]
 
     @jax.jit  # all pairs in one compilation (the plain functions are what gets jitted)
     def compose_all(v, x):
@@ -211,12 +220,18 @@ def test_teacher_list_prints_shipped_teachers_as_json_lines(capsys):
         assert {"name", "model", "dataset", "test_accuracy"} <= set(line)
 
 
-@pytest.mark.parametrize("name", shipped_teachers())
+@pytest.mark.parametrize(
+    "name",
+    # Fashion-MNIST's 10k test images through a ResNet-20: slow; the digits teacher covers the
+    # code, and the Fashion-MNIST demo test (slow too) checks this accuracy again.
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("fashion") else n
+     for n in shipped_teachers()],
+)  # fmt: skip
 def test_each_shipped_teacher_reaches_its_recorded_test_accuracy(name):
     """The full test split, in jitted batches; the result must equal teacher.json's."""
     teacher = load_teacher(name)
-    if teacher.dataset == "fashion_mnist" and not FASHION_MNIST_DIR.exists():
-        pytest.skip("dataset-fashion-mnist is not installed")
+    if teacher.dataset == "fashion_mnist" and find_dataset_folder("fashion_mnist") is None:
+        pytest.skip("Fashion-MNIST is not there: `make test` fetches it (`cvxdist data fetch`)")
     test = load_dataset(teacher.dataset, "test")
     accuracy = teacher.accuracy(test.images, test.labels, batch_size=1000)
     assert accuracy == pytest.approx(teacher.info["test_accuracy"], abs=2e-4)

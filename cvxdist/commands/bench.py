@@ -2,20 +2,22 @@
 
 The benchmark code lives in ``benchmarks/`` at the root of the repository, not in the installed
 package, so these commands need the checkout the package was installed from (``pip install -e``).
-Each sub-benchmark is a module ``benchmarks.<name>`` with
-``run(out_dir, *, quick, only, repeats, ...) -> dict`` and ``markdown_report(payload) -> str``.
+Each benchmark is a module ``benchmarks.<name>`` that follows :class:`Benchmark`; it is imported
+only when ``cvxdist bench NAME`` is parsed, so the other commands never load it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
 
-#: name -> (module under benchmarks/, one-line help). ``distill`` joins here later.
+#: name -> (module under benchmarks/, one-line help).
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "solvers": (
         "benchmarks.solvers",
@@ -25,46 +27,117 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
+@runtime_checkable
+class Benchmark(Protocol):
+    """What ``cvxdist bench`` expects of a benchmark module ``benchmarks.<name>``.
+
+    The command gives every benchmark ``--out DIR`` (required), ``--quick``, ``--only NAME...``,
+    ``--repeats N`` (checked to be ≥ 1) and ``--report-only``, then:
+
+    - ``register(parser)`` adds the benchmark's own options to its ``argparse`` parser;
+    - ``run(args) -> int`` validates the options (raising :class:`~cvxdist.errors.UserError`
+      before writing anything), measures (or resumes), writes its results and report under
+      ``args.out``, prints the report and returns the exit status;
+    - ``report(out_dir) -> str`` (``--report-only``) computes nothing: it rewrites the report
+      from the results already in ``out_dir`` and returns it (``UserError`` if there are none).
+    """
+
+    def register(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+    def report(self, out_dir: Path) -> str: ...
+
+
+#: The members of :class:`Benchmark` and how each is called, for the error messages.
+INTERFACE = {"register": "register(parser)", "run": "run(args) -> int", "report": "report(out_dir)"}
+
+
+def interface_problems(module: ModuleType) -> list[str]:
+    """What ``module`` lacks of :class:`Benchmark` (empty when it follows it)."""
+    problems = []
+    for name, usage in INTERFACE.items():
+        member = getattr(module, name, None)
+        if not callable(member):
+            problems.append(f"no {usage}")
+            continue
+        try:
+            inspect.signature(member).bind(None)
+        except TypeError:
+            problems.append(f"{name}{inspect.signature(member)} is not callable as {usage}")
+        except ValueError:  # no signature to inspect (a builtin): trust it
+            pass
+    return problems
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="run a benchmark (needs a source checkout)",
-        description="Run a benchmark and write JSON and a markdown table to --out.",
+        description="Run a benchmark and write JSON and a markdown report to --out.",
     )
     parser.set_defaults(func=_usage(parser))
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", action=_BenchmarkChoice)
     for name, (_, help_text) in BENCHMARKS.items():
         p = sub.add_parser(name, help=help_text, description=help_text + ".")
+        p.add_argument("--out", type=Path, required=True, help="directory for the results")
+        p.add_argument("--quick", action="store_true", help="small shapes only (for CI)")
+        p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (by name)")
+        p.add_argument("--repeats", type=int, help="repeats or seeds (default per benchmark)")
         p.add_argument(
-            "--out", type=Path, required=True, help="directory for the JSON and markdown"
+            "--report-only",
+            action="store_true",
+            help="compute nothing: rewrite the report from the results already in --out",
         )
-        p.add_argument(
-            "--quick", action="store_true", help="small shapes only (about a minute; for CI)"
-        )
-        p.add_argument(
-            "--only", nargs="+", metavar="PROBLEM", help="run only these problems (by name)"
-        )
-        p.add_argument("--repeats", type=int, help="steady-state repeats (default per problem)")
-        if name == "solvers":
-            p.add_argument(
-                "--scnn-backend",
-                choices=("numpy", "torch"),
-                default="numpy",
-                help="pyscnn's array backend (numpy is what pyscnn uses on CPU)",
-            )
-            p.add_argument(
-                "--time-limit",
-                type=float,
-                help="seconds pyscnn may run per problem before it is declared not to reach "
-                "the gap (default 5400, quick 120)",
-            )
-        if name == "distill":
-            p.add_argument(
-                "--report-only",
-                action="store_true",
-                help="compute nothing: report the points already recorded in --out",
-            )
-        p.set_defaults(func=run)
+
+
+class _BenchmarkChoice(argparse._SubParsersAction):
+    """Sub-parsers whose benchmark module is imported, checked and asked for its options
+    only when that benchmark is chosen on the command line."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        chosen = self._name_parser_map.get(values[0]) if values else None
+        if chosen is not None and not hasattr(chosen, "_cvxdist_benchmark"):
+            chosen._cvxdist_benchmark = True
+            _attach(values[0], chosen)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _attach(name: str, parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` the options and the ``func`` of benchmark ``name``; a benchmark that
+    cannot be loaded gets a ``func`` that raises the reason (exit status 2)."""
+    from cvxdist.errors import UserError
+
+    try:
+        module = load_benchmark(name)
+    except UserError as err:
+        parser.set_defaults(func=_raise(err))
+        return
+    module.register(parser)
+    parser.set_defaults(func=_runner(module))
+
+
+def _runner(module: Benchmark) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from cvxdist.distill.io import check_output_dir
+        from cvxdist.errors import UserError
+
+        check_output_dir(args.out)
+        if args.repeats is not None and args.repeats < 1:
+            raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+        if args.report_only:
+            print(module.report(args.out))
+            return 0
+        return int(module.run(args))
+
+    return run
+
+
+def _raise(err: Exception) -> Callable[[argparse.Namespace], int]:
+    def fail(args: argparse.Namespace) -> int:
+        raise err
+
+    return fail
 
 
 def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -84,10 +157,11 @@ def benchmarks_root() -> Path:
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks.<name>`` from the source checkout.
+    """Import ``benchmarks.<name>`` from the source checkout and check it follows `Benchmark`.
 
     Raises:
-        UserError: no checkout next to the package, or no such benchmark.
+        UserError: no checkout next to the package, no such benchmark, or a module that does
+            not follow the interface (the message lists what it lacks).
     """
     from cvxdist.errors import UserError
 
@@ -102,30 +176,12 @@ def load_benchmark(name: str) -> ModuleType:
         )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module(BENCHMARKS[name][0])
-
-
-def run(args: argparse.Namespace) -> int:
-    from cvxdist.errors import UserError
-
-    module = load_benchmark(args.benchmark)
-    if args.repeats is not None and args.repeats < 1:
-        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
-    try:
-        module.select_problems(args.quick, args.only)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    options = {"quick": args.quick, "only": args.only, "repeats": args.repeats}
-    if args.benchmark == "solvers":
-        ok, why = module.scnn_available()
-        if not ok:
-            raise UserError(why)
-        if args.time_limit is not None and not args.time_limit > 0:
-            raise UserError(f"--time-limit must be positive, got {args.time_limit}")
-        options.update(scnn_backend=args.scnn_backend, time_limit_s=args.time_limit)
-    if getattr(args, "report_only", False):
-        options["report_only"] = True
-    payload = module.run(args.out, **options)
-    print(module.markdown_report(payload))
-    print(f"wrote {args.out / (args.benchmark + '.json')}", file=sys.stderr)
-    return 0
+    module_name = BENCHMARKS[name][0]
+    module = importlib.import_module(module_name)
+    problems = interface_problems(module)
+    if problems:
+        raise UserError(
+            f"{module_name} does not follow the benchmark interface "
+            f"(cvxdist.commands.bench.Benchmark): {'; '.join(problems)}"
+        )
+    return module

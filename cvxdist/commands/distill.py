@@ -20,6 +20,28 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--to", default=None, help="last stage or block to replace (default: --cut)"
     )
+    parser.add_argument(
+        "--objective",
+        choices=("activations", "logits", "mixed", "gauss-newton"),
+        default=None,
+        help="what the student is fitted to: the block's activations, the teacher's logits "
+        "through a linear suffix (exact after the last stage), both (mixed), or the "
+        "Gauss-Newton model of the logits for any suffix (default: logits after the last "
+        "stage, mixed = activations + Gauss-Newton before it; measured best)",
+    )
+    parser.add_argument(
+        "--logit-weight",
+        type=float,
+        default=1.0,
+        help="mixed: weight of the downstream term (each term normalised at U = 0)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="images of the downstream term (default: all training images for logits, "
+        "4000 for gauss-newton, whose Jacobians take k·L·c' values per image)",
+    )
     parser.add_argument("--gates", type=int, default=128, help="gates sampled per stage")
     parser.add_argument("--lam-frac", type=float, default=None, help="λ as a fraction of λ_max")
     parser.add_argument(
@@ -43,7 +65,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, default=1e-3, help="relative duality gap")
     parser.add_argument("--max-iters", type=int, default=3000)
     parser.add_argument("--samples-per-class", type=int, default=None, help="default: all")
-    parser.add_argument("--max-rows", type=int, default=40_000, help="rows per stage problem")
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=40_000,
+        help="rows' worth of whole images for the reduction, the gates and the activation and "
+        "Gauss-Newton terms",
+    )
     parser.add_argument("--input-variance", type=float, default=0.999)
     parser.add_argument("--output-variance", type=float, default=0.995)
     parser.add_argument(

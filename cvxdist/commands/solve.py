@@ -65,7 +65,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "until the duality gap on all gates reaches --tol",
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--no-polish",
+        dest="polish",
+        action="store_false",
+        help="with a float32 --tol below 1.5e-5 (what float32 can certify), stop at that floor "
+        "instead of finishing the solve in float64",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where to write SOL.npz")
+    cluster = parser.add_argument_group(
+        "multi-process (jax.distributed)",
+        "run the same command in every process; rows are sharded over the devices of all "
+        "processes, each process holding its own (its block of PROBLEM.npz's rows, or its own "
+        "file when the path contains {process}); process 0 writes --out and prints the JSON",
+    )
+    cluster.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0 (it listens there), or 'auto' under SLURM / Open MPI / TPU",
+    )
+    cluster.add_argument("--num-processes", type=int, help="number of processes")
+    cluster.add_argument("--process-id", type=int, help="this process's id, 0..N-1")
     parser.set_defaults(func=run)
 
 
@@ -131,14 +151,47 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
     if args.devices < 0:
         raise UserError(f"--devices must be 0 (all) or a positive count, got {args.devices}")
-    _check_out(args.out)
-    arrays = load_problem_arrays(args.problem)
-
     import jax
+
+    if args.coordinator is not None:
+        _join_cluster(args)
+    elif args.num_processes is not None or args.process_id is not None:
+        raise UserError("--num-processes and --process-id need --coordinator")
+    if jax.process_index() == 0:
+        _check_out(args.out)
+    arrays = load_problem_arrays(
+        Path(str(args.problem).replace("{process}", str(jax.process_index())))
+    )
+    if jax.process_count() > 1 and "{process}" not in str(args.problem):
+        from cvxdist.multihost import process_rows
+
+        rows = process_rows(len(arrays["X"]))
+        arrays = {"X": arrays["X"][rows], "Y": arrays["Y"][rows], "G": arrays["G"]}
 
     # Scoped, not global: `main()` also runs inside other programs and tests.
     with jax.enable_x64(args.dtype == "float64"):
         return _solve_and_write(args, arrays)
+
+
+def _join_cluster(args: argparse.Namespace) -> None:
+    """``jax.distributed`` from the command line (:mod:`cvxdist.multihost`)."""
+    from cvxdist.errors import UserError
+    from cvxdist.multihost import initialize, native_stdout_to_stderr
+
+    if args.devices or args.stream:
+        raise UserError(
+            "--coordinator shards rows over every device of every process; it cannot be "
+            "combined with --devices or --stream"
+        )
+    explicit = args.coordinator != "auto"
+    if explicit and (args.num_processes is None or args.process_id is None):
+        raise UserError("--coordinator HOST:PORT needs --num-processes and --process-id")
+    if explicit and not 0 <= args.process_id < args.num_processes:
+        raise UserError(
+            f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
+        )
+    native_stdout_to_stderr()  # stdout stays one JSON record
+    initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
@@ -154,19 +207,27 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
     if args.devices > visible:
         raise UserError(f"--devices {args.devices}: only {visible} device(s) visible")
     num_devices = args.devices or visible
+    options = dict(
+        skip=args.skip,
+        bias=args.bias,
+        chunk_rows=args.chunk_rows,
+        dtype=args.dtype,
+        precision=args.precision,
+    )
     try:
-        problem = make_problem(
-            arrays["X"],
-            arrays["Y"],
-            arrays["G"],
-            skip=args.skip,
-            bias=args.bias,
-            chunk_rows=args.chunk_rows,
-            dtype=args.dtype,
-            stream=args.stream,
-            devices=num_devices if num_devices > 1 else None,
-            precision=args.precision,
-        )
+        if jax.process_count() > 1:
+            from cvxdist.multihost import make_distributed_problem
+
+            problem = make_distributed_problem(arrays["X"], arrays["Y"], arrays["G"], **options)
+        else:
+            problem = make_problem(
+                arrays["X"],
+                arrays["Y"],
+                arrays["G"],
+                stream=args.stream,
+                devices=num_devices if num_devices > 1 else None,
+                **options,
+            )
     except ValueError as err:
         raise UserError(f"{args.problem}: {err}") from None
     solver = choose_solver(problem) if args.solver == "auto" else args.solver
@@ -181,6 +242,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
             max_iters=args.max_iters,
             screen=args.screen,
             working_set=args.working_set,
+            polish=args.polish,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -194,6 +256,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
         "converged": bool(solution.converged),
         "certificate": float(stats.rel_gap),
         "certificate_kind": "relative duality gap",
+        "certificate_dtype": str(stats.rel_gap.dtype),
         "time_s": float(stats.time_s),
         "lam": float(stats.lam),
         "lam_max": float(lam_max(problem, get_regularizer(args.reg))),
@@ -218,7 +281,10 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
         "stream": args.stream,
         "chunk_rows": problem.chunk_rows,
         "devices": [str(device) for device in devices_of(problem)],
+        "processes": jax.process_count(),
     }
+    if jax.process_index() != 0:  # every process holds the same solution; one writes it
+        return 0
     out = {"U": np.asarray(solution.weights.U)}
     if solution.weights.V is not None:
         out["V"] = np.asarray(solution.weights.V)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import check_output_dir
     from cvxdist.training import TrainConfig, train_teacher
 
+    check_output_dir(Path(args.out))
     config = TrainConfig(
         model=args.model,
         dataset=args.dataset,
@@ -62,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         seed=args.seed,
     )
+    config.resolved()  # checks the settings before the dataset is read
     _check_model(args.model)
     meta = train_teacher(
         config, args.out, data_dir=args.data_dir, progress=not args.quiet, name=args.name
@@ -82,8 +86,12 @@ def _check_model(model: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from cvxdist.data import load_dataset
+    from cvxdist.errors import UserError
     from cvxdist.teachers import load_teacher
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     teacher = load_teacher(args.teacher)
     test = load_dataset(teacher.dataset, "test", args.data_dir)
     if args.limit is not None:

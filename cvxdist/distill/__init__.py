@@ -1,20 +1,17 @@
 """Convex block distillation: students, the end-to-end pipeline and its evaluation."""
 
-from cvxdist.distill.pipeline import (
-    BlockStudent,
-    DistillConfig,
-    distill,
-    evaluate_spliced,
-    spliced_predict,
-    stages_of,
-)
-from cvxdist.distill.student import GatedStudent, Reduction, student_from_network
+from cvxdist.distill.evaluation import SplicedEvaluator, evaluate_spliced, spliced_predict
+from cvxdist.distill.objectives import OBJECTIVES
+from cvxdist.distill.pipeline import DistillConfig, distill, stages_of
+from cvxdist.distill.student import BlockStudent, GatedStudent, Reduction, student_from_network
 
 __all__ = [
+    "OBJECTIVES",
     "BlockStudent",
     "DistillConfig",
     "GatedStudent",
     "Reduction",
+    "SplicedEvaluator",
     "distill",
     "evaluate_spliced",
     "spliced_predict",

@@ -1,20 +1,26 @@
-"""Convex block distillation end to end: rows, reduction, gates, solve, student, splice.
+"""Convex block distillation end to end: activations, reduction, gates, objective, solve,
+student, splice.
 
 The block ``cut..to`` is split into *units*, one student each: the teacher's stages (a
 partly covered stage is one unit), or with ``per_block`` every residual block. For each
-unit ``b`` (in order):
+unit (in order):
 
-1. stream the training images; the block input is computed through the *already replaced*
-   prefix (teacher stages before ``cut`` then the students solved so far), the target is the
-   teacher's own stage output on the teacher's path;
-2. rows: ``k×k`` patches of the input at each output location (a seeded subsample of
-   locations, at most ``max_rows`` rows), or pooled features for the ``head``;
-3. reduction: PCA of rows and targets, keeping the requested fraction of variance;
-4. gates sampled from the rows (seeded) and deduplicated; the convex problem (``coupled`` or
-   ``nuclear``, a linear skip and bias) solved to a certified gap, optionally along a λ path;
-5. the solution mapped to a Flax :class:`~cvxdist.distill.student.GatedStudent`.
+1. activations of a seeded subset of whole training images (``max_rows`` rows' worth,
+   :func:`cvxdist.streaming.select_images`): the block input through the *already replaced*
+   prefix (teacher stages before ``cut``, then the students solved so far), the teacher's own
+   block output, and the Jacobian of the logits when the objective needs it;
+2. rows: ``k×k`` patches of the input at every output location (pooled features for the
+   ``head``); reduction: PCA of rows and targets keeping the requested variance (the
+   ``logits`` objective takes the head's column space as output basis);
+3. gates sampled from the rows (seeded) and deduplicated;
+4. the objective's data terms (:mod:`cvxdist.distill.objectives`; the ``logits`` term reads
+   all training images, or ``max_images``, pooled per image) and the convex problem
+   (plain or composed), solved to a certified gap, optionally along a λ path with label-free
+   selection on held-out images;
+5. the solution mapped to a Flax :class:`~cvxdist.distill.student.GatedStudent`, its output
+   layer optionally refitted on the same objective (:mod:`cvxdist.distill.refit`).
 
-Labels are read only by :func:`evaluate_spliced`.
+Labels are read only by :mod:`cvxdist.distill.evaluation`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,16 +41,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvxdist.distill.evaluation import evaluate_spliced, spliced_predict  # noqa: F401
+from cvxdist.distill.objectives import (
+    OBJECTIVES,
+    TermData,
+    activation_term,
+    concatenate_terms,
+    convex_problem,
+    gauss_newton_term,
+    head_basis,
+    identified,
+    linear_head,
+    logit_term,
+    normalise,
+    resolve_objective,
+)
 from cvxdist.distill.student import (
-    GatedStudent,
+    BlockStudent,
     Reduction,
-    flops,
+    chain,
     parameter_count,
     project_channels,
     student_from_network,
 )
 from cvxdist.errors import UserError
-from cvxdist.teachers.teacher import Teacher, batched_apply
+from cvxdist.teachers.teacher import Teacher
+
+#: Images of the Gauss–Newton term by default (its Jacobians hold k·L·c' values per image).
+GAUSS_NEWTON_IMAGES = 4000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +77,9 @@ class DistillConfig:
 
     cut: str
     to: str | None = None
+    objective: str | None = None  # None: the best measured for the cut (see objectives)
+    logit_weight: float = 1.0  # mixed: weight of the downstream term
+    max_images: int | None = None  # images of a downstream term (None: all; GN: 4000)
     gates: int = 128
     gate_kind: str = "data"
     reg: str = "nuclear"
@@ -88,6 +118,22 @@ class DistillConfig:
             raise UserError(f"max_params must be positive, got {self.max_params}")
         if self.max_rows < 1:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
+        if self.max_iters < 1:
+            raise UserError(f"max_iters must be at least 1, got {self.max_iters}")
+        if not 0 < self.tol < 1:
+            raise UserError(f"tol (a relative duality gap) must be in (0, 1), got {self.tol}")
+        if not 0 <= self.agreement_tol <= 1:
+            raise UserError(f"agreement_tol must be in [0, 1], got {self.agreement_tol}")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
+        if self.max_images is not None and self.max_images < 1:
+            raise UserError(f"max_images must be positive, got {self.max_images}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise UserError(
+                f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
+            )
+        if not (np.isfinite(self.logit_weight) and self.logit_weight > 0):
+            raise UserError(f"logit_weight must be a positive number, got {self.logit_weight}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UserError(f"kernel size must be a positive odd number, got {self.kernel_size}")
         if self.channel_dim is not None and self.channel_dim < 1:
@@ -99,19 +145,6 @@ class DistillConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise UserError(f"{name} must be in (0, 1], got {value}")
-
-
-@dataclasses.dataclass
-class BlockStudent:
-    """One solved stage: the Flax module, its variables and what it took to get there."""
-
-    stage: str
-    module: GatedStudent
-    variables: dict[str, Any]
-    report: dict[str, Any]
-
-    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
-        return self.module.apply(self.variables, z)
 
 
 def stages_of(teacher: Teacher, cut: str, to: str | None, per_block: bool = False) -> list[str]:
@@ -133,18 +166,6 @@ def stages_of(teacher: Teacher, cut: str, to: str | None, per_block: bool = Fals
     return units
 
 
-def chain(students: Sequence[BlockStudent]) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
-    """``f(variables_list, z)`` applying the students in order (variables traced)."""
-    modules = [s.module for s in students]
-
-    def run(variables: Sequence[Any], z: jnp.ndarray) -> jnp.ndarray:
-        for module, v in zip(modules, variables):
-            z = module.apply(v, z)
-        return z
-
-    return run
-
-
 def _replaced_input_fn(
     teacher: Teacher, first_stage: str, students: Sequence[BlockStudent]
 ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
@@ -158,98 +179,20 @@ def _replaced_input_fn(
     return fn
 
 
-def collect_rows(
-    teacher: Teacher,
-    images: np.ndarray,
-    stage: str,
-    input_fn: Callable[[Any, jnp.ndarray], jnp.ndarray],
-    config: DistillConfig,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Raw rows ``(N, D)`` and targets ``(N, C)`` for ``stage`` (bounded by ``max_rows``).
-
-    Patch rows come from a seeded subsample of output locations of every image (so the row
-    budget is spread over all images); head rows are pooled block inputs, one per image.
-    """
-    from cvxdist.streaming import image_patches, infer_stride
-
-    first, _, last = stage.partition("..")
-    teacher_fns = teacher.cut_functions(first, last or None)
-    head = (last or first) == "head"
-
-    def io(variables: Any, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        z = input_fn(variables, x)
-        y = teacher_fns.block(variables, teacher_fns.prefix(variables, x))
-        return z, y
-
-    probe_z, probe_y = jax.eval_shape(io, teacher.variables, jnp.zeros((1, *images.shape[1:])))
-    info: dict[str, Any] = {"input_shape": list(probe_z.shape[1:])}
-    info["output_shape"] = list(probe_y.shape[1:])
-    if head:
-        k, stride, locations = 0, 1, 1
-    else:
-        if len(probe_y.shape) != 4:
-            raise UserError(f"stage {stage!r} does not output feature maps; use --cut head")
-        k = config.kernel_size
-        stride = infer_stride(tuple(probe_z.shape[1:3]), tuple(probe_y.shape[1:3]))
-        locations = probe_y.shape[1] * probe_y.shape[2]
-    per_image = max(1, min(locations, -(-config.max_rows // max(len(images), 1))))
-    identity = config.identity and not head and probe_z.shape == probe_y.shape
-    info.update(kernel_size=k, stride=stride, locations_per_image=per_image, identity=identity)
-
-    def rows_fn(variables: Any, x: jnp.ndarray, pick: jnp.ndarray) -> tuple:
-        z, y = io(variables, x)
-        if head:
-            return z.mean(axis=(1, 2)) if z.ndim == 4 else z, y
-        if identity:  # the student adds its own input back: fit what the block adds to it
-            y = y - z
-        patches = image_patches(z, k, stride)
-        patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
-        y = y.reshape(y.shape[0], -1, y.shape[-1])
-        take = jax.vmap(lambda a, idx: a[idx])
-        return take(patches, pick), take(y, pick)
-
-    rng = np.random.default_rng(config.seed)
-    picks = np.stack(
-        [rng.choice(locations, per_image, replace=False) for _ in range(len(images))]
-    ).astype(np.int32)
-    jitted = jax.jit(rows_fn)
-    rows, targets = [], []
-    from tqdm.auto import tqdm
-
-    size = max(1, min(config.batch_size, len(images)))
-    for begin in tqdm(
-        range(0, len(images), size), desc=f"rows {stage}", disable=not progress, leave=False
-    ):
-        x, pick = images[begin : begin + size], picks[begin : begin + size]
-        valid = len(x)
-        if valid < size:  # pad the last batch so the function compiles once
-            x = np.concatenate([x, np.zeros((size - valid, *x.shape[1:]), x.dtype)])
-            pick = np.concatenate([pick, np.zeros((size - valid, *pick.shape[1:]), pick.dtype)])
-        r, t = jax.device_get(jitted(teacher.variables, x, pick))
-        rows.append(r[:valid].reshape(-1, r.shape[-1]))
-        targets.append(t[:valid].reshape(-1, t.shape[-1]))
-    rows_np = np.concatenate(rows).astype(np.float32)
-    targets_np = np.concatenate(targets).astype(np.float32)
-    if len(rows_np) > config.max_rows:
-        keep = np.sort(rng.choice(len(rows_np), config.max_rows, replace=False))
-        rows_np, targets_np = rows_np[keep], targets_np[keep]
-    info["rows"] = len(rows_np)
-    return rows_np, targets_np, info
-
-
 def fit_reduction(
     rows: np.ndarray,
     targets: np.ndarray,
     config: DistillConfig,
     reduce_input: bool = True,
     patch: tuple[int, int] | None = None,
+    output_basis: np.ndarray | None = None,
 ) -> Reduction:
     """PCA bases keeping ``input_variance`` / ``output_variance`` (capped in dimension).
 
     With ``config.channel_dim`` and ``patch = (k, C_in)`` of conv rows, the channels are
     reduced first: the PCA basis of the patches' centre pixels (``C_in -> channel_dim``) is
-    applied to every pixel, and the patch PCA is fitted on the result.
+    applied to every pixel, and the patch PCA is fitted on the result. ``output_basis``
+    ``(C, r)`` replaces the output PCA (uncentred): the ``logits`` objective's ``orth(W)``.
     """
 
     def basis(data: np.ndarray, fraction: float, cap: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -274,60 +217,308 @@ def fit_reduction(
             _, channel_basis, channel_kept = basis(centre, 1.0, config.channel_dim)
             rows = project_channels(rows, channel_basis.astype(rows.dtype))
     in_mean, in_basis, in_kept = basis(rows, config.input_variance, config.max_input_dim)
-    out_mean, out_basis, out_kept = basis(targets, config.output_variance, config.max_output_dim)
+    if output_basis is None:
+        out_mean, out_basis, out_kept = basis(
+            targets, config.output_variance, config.max_output_dim
+        )
+    else:
+        out_mean, out_kept = np.zeros(targets.shape[1]), _kept(targets, output_basis)
+        out_basis = output_basis
     if not reduce_input or in_basis.shape[1] >= rows.shape[1]:
         in_basis, in_kept = None, 1.0
         in_mean = np.zeros(rows.shape[1])
-    if out_basis.shape[1] >= targets.shape[1]:
+    if out_basis.shape[1] >= targets.shape[1] and output_basis is None:
         out_basis, out_kept = None, 1.0
     return Reduction(
         in_mean, in_basis, out_mean, out_basis, in_kept, out_kept, channel_basis, channel_kept
     )
 
 
+@dataclasses.dataclass
+class PreparedBlock:
+    """One unit ready to solve: the fit images' reduced rows, the reduction and the data terms.
+
+    Attributes:
+        stage: the unit (``stage3``, ``stage3.block2``, ``stage2..head``).
+        rows: ``(N·L, d')`` reduced rows of the fit images (gates are sampled from these).
+        targets: ``(N·L, c')`` their reduced block targets.
+        reduction: the input/output reductions.
+        row_info: shapes, kernel size, stride, locations per image, identity.
+        terms: the objective's data terms (:class:`~cvxdist.distill.objectives.TermData`).
+        objective: the objective's name.
+        skip: whether the student has the unregularized linear skip (``config.skip``, unless
+            the data cannot identify it: see :func:`~cvxdist.distill.objectives.identified`).
+    """
+
+    stage: str
+    rows: np.ndarray
+    targets: np.ndarray
+    reduction: Reduction
+    row_info: dict[str, Any]
+    terms: list[TermData]
+    objective: str = "activations"
+    skip: bool = True
+
+
+def prepare_block(
+    teacher: Teacher,
+    train_images: np.ndarray,
+    stage: str,
+    config: DistillConfig,
+    replaced: Sequence[BlockStudent] = (),
+    progress: bool = True,
+    reduction: Reduction | None = None,
+) -> PreparedBlock:
+    """Activations, reduction and data terms of ``stage``, its input through ``replaced``,
+    reduced by ``reduction`` (e.g. another chain's, to share its coordinates) or by one
+    fitted here."""
+    from cvxdist.streaming import collect_activations, select_images, stream_activations
+
+    first, _, last = stage.partition("..")
+    last = last or first
+    head = last == "head"
+    input_fn = _replaced_input_fn(teacher, config.cut, replaced)
+    info = _row_info(teacher, train_images, first, last, input_fn, config)
+    linear = None if head else linear_head(teacher, last)
+    objective = "activations" if head else resolve_objective(config.objective, linear is not None)
+    downstream = "logits" if linear is not None else "gauss-newton"
+    wanted = {"activations": {"activations"}, "logits": {"logits"}}.get(objective)
+    wanted = wanted or (
+        {"gauss-newton"} if objective == "gauss-newton" else {"activations", downstream}
+    )
+    L = info["locations_per_image"]
+    fit_ids = select_images(len(train_images), math.ceil(config.max_rows / L), config.seed)
+    stream_args = {
+        "input_fn": input_fn,
+        "rows": "pooled" if head else "patch",
+        "kernel_size": config.kernel_size,
+        "identity": info["identity"],
+        "batch_size": config.batch_size,
+        "progress": progress,
+    }
+    acts = collect_activations(
+        teacher,
+        train_images,
+        first,
+        last,
+        image_ids=fit_ids,
+        jacobian="gauss-newton" in wanted,
+        **stream_args,
+    )
+    raw_rows, raw_targets = acts.flat_rows()
+    patch = (int(info["kernel_size"]), int(info["input_shape"][-1]))
+    if reduction is None:
+        basis = head_basis(linear[0]) if objective == "logits" else None
+        reduction = fit_reduction(raw_rows, raw_targets, config, patch=patch, output_basis=basis)
+    rows = reduction.rows(raw_rows).astype(np.float32)
+    targets = reduction.targets(raw_targets).astype(np.float32)
+    N = len(acts)
+    terms: list[TermData] = []
+    if "activations" in wanted:
+        terms.append(activation_term(rows.reshape(N, L, -1), targets.reshape(N, L, -1)))
+    for kind in ("logits", "gauss-newton"):
+        if kind not in wanted:
+            continue
+        cap = config.max_images
+        if cap is None and kind == "gauss-newton":
+            cap = GAUSS_NEWTON_IMAGES
+        ids = select_images(len(train_images), cap, config.seed)
+        if np.array_equal(ids, fit_ids):
+            term = _downstream_term(kind, rows.reshape(N, L, -1), acts, reduction, linear)
+        else:
+            chunks = stream_activations(
+                teacher,
+                train_images,
+                first,
+                last,
+                image_ids=ids,
+                jacobian=kind == "gauss-newton",
+                **stream_args,
+            )
+            term = concatenate_terms(
+                [_downstream_term(kind, None, chunk, reduction, linear) for chunk in chunks]
+            )
+        terms.append(term)
+        info[f"{kind}_images"] = term.num_groups
+    if objective == "mixed":
+        terms = normalise(terms, config.logit_weight)
+    skip = config.skip and identified(terms, rows.shape[1] + 1)
+    info.update(rows=len(rows), fit_images=N, objective=objective, skip=skip)
+    return PreparedBlock(stage, rows, targets, reduction, info, terms, objective, skip)
+
+
+def _row_info(
+    teacher: Teacher,
+    images: np.ndarray,
+    first: str,
+    last: str,
+    input_fn: Callable[[Any, jnp.ndarray], jnp.ndarray],
+    config: DistillConfig,
+) -> dict[str, Any]:
+    """Shapes of the unit's input and output, kernel size, stride, locations, identity."""
+    from cvxdist.streaming import infer_stride
+
+    fns = teacher.cut_functions(first, last)
+
+    def io(variables: Any, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        return input_fn(variables, x), fns.block(variables, fns.prefix(variables, x))
+
+    z, y = jax.eval_shape(io, teacher.variables, jnp.zeros((1, *images.shape[1:])))
+    info: dict[str, Any] = {"input_shape": list(z.shape[1:]), "output_shape": list(y.shape[1:])}
+    if last == "head":
+        return {**info, "kernel_size": 0, "stride": 1, "locations_per_image": 1, "identity": False}
+    if len(y.shape) != 4:
+        raise UserError(f"stage {first!r} does not output feature maps; use --cut head")
+    stride = infer_stride(tuple(z.shape[1:3]), tuple(y.shape[1:3]))
+    return {
+        **info,
+        "kernel_size": config.kernel_size,
+        "stride": stride,
+        "locations_per_image": y.shape[1] * y.shape[2],
+        "identity": bool(config.identity and z.shape == y.shape),
+    }
+
+
+def _downstream_term(
+    kind: str,
+    rows: np.ndarray | None,
+    acts: Any,
+    reduction: Reduction,
+    linear: tuple[np.ndarray, np.ndarray] | None,
+) -> TermData:
+    """The ``logits`` or ``gauss-newton`` term of the images of ``acts`` (their reduced rows
+    ``rows``, computed here when ``None``)."""
+    if rows is None:
+        flat = acts.rows.reshape(-1, acts.rows.shape[-1])
+        rows = reduction.rows(flat).astype(np.float32).reshape(len(acts), acts.locations, -1)
+    if kind == "logits":
+        return logit_term(rows, acts.targets.mean(axis=1), linear[0], reduction)
+    return gauss_newton_term(rows, acts.targets, acts.jacobian, reduction)
+
+
+def _kept(targets: np.ndarray, basis: np.ndarray) -> float:
+    """Fraction of the targets' (uncentred) energy in the span of ``basis``."""
+    total = float(np.sum(np.square(targets, dtype=np.float64)))
+    kept = float(np.sum(np.square(targets @ basis, dtype=np.float64)))
+    return kept / total if total > 0 else 1.0
+
+
 def solve_block(
-    rows: np.ndarray,
-    targets: np.ndarray,
+    block: PreparedBlock,
     config: DistillConfig,
     lam_fracs: Sequence[float],
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[Any], dict[str, Any]]:
-    """Gates and one solution per λ fraction (warm-started path, largest λ first)."""
+    """Gates and one solution per λ fraction of the block's objective (warm-started path,
+    largest λ first).
+
+    With ``cache_dir``, each solution is saved there as soon as it is certified and a rerun
+    loads the ones already there, warm-starting the rest from the last of them: an
+    interrupted path resumes at the first λ not solved, with the same results.
+    """
     from cvxdist.gates import sample_gates
-    from cvxdist.problems import lam_max, make_problem
+    from cvxdist.problems import lam_max
     from cvxdist.prox import get_regularizer
-    from cvxdist.solvers import choose_solver, solve_path
+    from cvxdist.solvers import choose_solver, path_solver, solve
 
     gates = sample_gates(
-        jax.random.key(config.seed), rows, config.gates, kind=config.gate_kind, noise=0.05
+        jax.random.key(config.seed), block.rows, config.gates, kind=config.gate_kind, noise=0.05
     )
-    problem = make_problem(rows, targets, gates, skip=config.skip, bias=True)
+    problem = convex_problem(block.terms, gates, skip=block.skip)
     auto = config.solver == "auto"
     solver = choose_solver(problem, path_length=len(lam_fracs)) if auto else config.solver
     reg = get_regularizer(config.reg)
     lmax = float(lam_max(problem, reg))
     start = time.perf_counter()
-    solutions = solve_path(
-        problem,
-        lam_fracs=list(lam_fracs),
-        reg=reg,
-        solver=solver,
-        tol=config.tol,
-        max_iters=config.max_iters,
-        progress=progress,
-    )
+    # As solve_path: ADMM's kernel factored once for the path, R-FISTA's λ after the first
+    # solved on working sets seeded by the sequential strong rule.
+    solver_obj, _ = path_solver(problem, solver, reg, len(lam_fracs))
+    strong = solver == "fista"
+    solutions: list[Any] = []
+    previous = lmax
+    from tqdm.auto import tqdm
+
+    for frac in tqdm(sorted(lam_fracs, reverse=True), "λ path", disable=not progress, leave=False):
+        lam = float(frac) * lmax
+        saved = None if cache_dir is None else Path(cache_dir) / f"lam-{float(frac)!r}.npz"
+        solution = _load_solution(saved)
+        if solution is None:
+            init = solutions[-1].weights.U if solutions else None
+            solution = solve(
+                problem,
+                lam,
+                reg=reg,
+                solver=solver_obj,
+                tol=config.tol,
+                max_iters=config.max_iters,
+                init=init,
+                strong_from=previous if strong else None,
+            )
+            _save_solution(saved, solution)
+        solutions.append(solution)
+        previous = lam
     info = {
+        "fitted_to": block.objective,
+        "terms": [
+            {"kind": t.kind, "groups": t.num_groups, "weight": t.weight} for t in block.terms
+        ],
         "gates_sampled": config.gates,
         "gates_distinct": int(gates.shape[1]),
         "solver": solver,
         "reg": config.reg,
         "lam_max": lmax,
         "solve_time_s": time.perf_counter() - start,
-        "rows": int(rows.shape[0]),
-        "features": int(rows.shape[1]),
-        "outputs": int(targets.shape[1]),
+        "rows": int(block.rows.shape[0]),
+        "features": int(block.rows.shape[1]),
+        "outputs": int(block.terms[0].output_width),
     }
     return gates, solutions, info
+
+
+def _save_solution(path: Path | None, solution: Any) -> None:
+    """One solve's weights, result code and statistics, written atomically (npz)."""
+    if path is None:
+        return
+    from cvxdist.solvers import SolveStats
+
+    arrays = {"result": np.asarray(jax.tree.leaves(solution.result)[0])}
+    for name, value in zip(("U", "V", "b"), solution.weights):
+        if value is not None:
+            arrays[name] = np.asarray(value)
+    for name in SolveStats._fields:
+        arrays[f"stats.{name}"] = np.asarray(getattr(solution.stats, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_solution(path: Path | None) -> Any:
+    """A solution saved by :func:`_save_solution`, or None (absent or unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    from cvxdist.solvers import RESULTS, Solution, SolveStats, Weights
+
+    try:
+        with np.load(path) as data:
+            arrays = {key: np.asarray(data[key]) for key in data.files}  # dtypes as saved
+    except (OSError, ValueError, EOFError):
+        return None  # recomputed
+    weights = Weights(arrays["U"], arrays.get("V"), arrays.get("b"))
+    result = jax.tree.unflatten(jax.tree.structure(RESULTS.successful), [arrays["result"]])
+    fields = {
+        name: arrays[f"stats.{name}"] for name in SolveStats._fields if f"stats.{name}" in arrays
+    }
+    try:  # statistics added since the file was written keep their defaults
+        stats = SolveStats(**fields)
+    except TypeError:
+        return None  # recomputed
+    return Solution(weights, result, stats)
 
 
 def _solution_report(solution: Any) -> dict[str, Any]:
@@ -343,52 +534,17 @@ def _solution_report(solution: Any) -> dict[str, Any]:
     }
 
 
-def refit_output(
-    net: Any, rows: np.ndarray, targets: np.ndarray, ridge: float = 1e-4
-) -> tuple[Any, dict[str, Any]]:
-    """Least-squares refit of the output layer (``w_out``, skip, bias) on the fixed hidden layer.
-
-    The regularized solve picks the gates and the neurons' input weights but shrinks every
-    weight towards zero. With the hidden layer ``h = (a W_in) ⊙ masks`` fixed, the output
-    layer is a ridge regression of the targets on ``[h, a, 1]`` (``ridge`` relative to the
-    mean diagonal of the Gram matrix): no new parameter, no gate or neuron added, and the
-    shrinkage of the second layer is undone. Returns the new network and the training
-    relative squared errors before and after.
-    """
-    from cvxdist.mapping import predict
-
-    X = np.asarray(rows, np.float64)
-    T = np.asarray(targets, np.float64)
-    masks = (X @ np.asarray(net.gates, np.float64)) >= 0
-    hidden = (X @ np.asarray(net.w_in, np.float64)) * masks[:, np.asarray(net.neuron_gate)]
-    blocks = [hidden] + ([X] if net.skip is not None else []) + [np.ones((len(X), 1))]
-    F = np.concatenate(blocks, axis=1)
-    gram = F.T @ F
-    gram[np.diag_indices_from(gram)] += ridge * max(float(np.trace(gram)) / len(gram), 1e-30)
-    W = np.linalg.solve(gram, F.T @ T)
-    K, d = hidden.shape[1], X.shape[1]
-    dtype = np.asarray(net.w_out).dtype
-    refit = net._replace(
-        w_out=jnp.asarray(W[:K], dtype),
-        skip=None if net.skip is None else jnp.asarray(W[K : K + d], dtype),
-        bias=jnp.asarray(W[-1], dtype),
-    )
-    total = max(float(np.sum((T - T.mean(axis=0)) ** 2)), 1e-30)
-    before = float(np.sum((np.asarray(predict(net, rows), np.float64) - T) ** 2)) / total
-    after = float(np.sum((F @ W - T) ** 2)) / total
-    return refit, {"ridge": ridge, "train_rel_err_before": before, "train_rel_err_after": after}
-
-
 def build_student(
     solution: Any,
     gates: np.ndarray,
     reduction: Reduction,
     row_info: dict[str, Any],
     stage: str,
-    refit: tuple[np.ndarray, np.ndarray, float] | None = None,
+    refit: tuple[Sequence[TermData], float] | None = None,
 ) -> BlockStudent:
-    """The deployable student of one solution (``refit``: rows, targets, ridge of
-    :func:`refit_output`, applied to the mapped network)."""
+    """The deployable student of one solution (``refit``: the data terms and the ridge of
+    :func:`~cvxdist.distill.refit.refit_output`, applied to the mapped network)."""
+    from cvxdist.distill.refit import refit_output
     from cvxdist.mapping import to_network
 
     net = to_network(solution, gates)
@@ -441,8 +597,9 @@ def distill(
     among students within an equal share of the budget the stages before it left.
 
     With ``cache_dir``, every finished stage is saved there under a key of the teacher
-    checkpoint, the images, the settings and the stages before it; a rerun after an
-    interruption loads the finished stages instead of solving them again.
+    checkpoint, the images, the settings and the stages before it, and so is every solved λ
+    of the stage in progress; a rerun after an interruption loads the finished stages and λs
+    instead of solving them again.
     """
     stages = stages_of(teacher, config.cut, config.to, config.per_block)
     if len(train_images) == 0:
@@ -468,10 +625,13 @@ def distill(
             left = config.max_params - sum(s.report["params"] for s in students)
             share = max(1, left // (len(stages) - index))
             stage_config = dataclasses.replace(config, max_params=share)
+        path_cache = None if cache_dir is None else Path(cache_dir) / f"path-{key}"
         student = solve_prepared(
-            teacher, block, stage_config, fracs, students, holdout_images, progress, log
+            teacher, block, stage_config, fracs, students, holdout_images, progress, log, path_cache
         )
         _save_stage(cache_dir, key, student)
+        if path_cache is not None:  # the finished stage replaces its λ solutions
+            shutil.rmtree(path_cache, ignore_errors=True)
         students.append(student)
     return students
 
@@ -511,39 +671,15 @@ def _save_stage(cache_dir: str | os.PathLike | None, key: str, student: BlockStu
     from cvxdist.distill.io import save_students
 
     folder = Path(cache_dir) / f"stage-{key}"
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_students(tmp, [student], {"key": key})
-    os.replace(tmp, folder)
-
-
-@dataclasses.dataclass
-class PreparedBlock:
-    """Reduced rows ``(N, d')`` and targets ``(N, c')`` of one stage, with their reduction."""
-
-    stage: str
-    rows: np.ndarray
-    targets: np.ndarray
-    reduction: Reduction
-    row_info: dict[str, Any]
-
-
-def prepare_block(
-    teacher: Teacher,
-    train_images: np.ndarray,
-    stage: str,
-    config: DistillConfig,
-    replaced: Sequence[BlockStudent] = (),
-    progress: bool = True,
-) -> PreparedBlock:
-    """Rows of ``stage`` with inputs through the already ``replaced`` stages, reduced."""
-    input_fn = _replaced_input_fn(teacher, config.cut, replaced)
-    rows, targets, row_info = collect_rows(teacher, train_images, stage, input_fn, config, progress)
-    patch = (int(row_info["kernel_size"]), int(row_info["input_shape"][-1]))
-    reduction = fit_reduction(rows, targets, config, patch=patch)
-    return PreparedBlock(
-        stage, reduction.rows(rows), reduction.targets(targets), reduction, row_info
-    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_students(tmp, [student], {"key": key})
+        if folder.exists():  # an unreadable entry that was just recomputed
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # the entry appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def solve_prepared(
@@ -555,17 +691,23 @@ def solve_prepared(
     holdout_images: np.ndarray | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> BlockStudent:
-    """Solve a prepared stage (one λ, or a path with label-free selection)."""
+    """Solve a prepared stage (one λ, or a path with label-free selection); ``cache_dir``
+    keeps each solved λ (see :func:`solve_block`)."""
     log = log or (lambda _: None)
-    gates, solutions, solve_info = solve_block(
-        block.rows, block.targets, config, lam_fracs, progress
-    )
-    refit = (block.rows, block.targets, config.refit_ridge) if config.refit else None
+    gates, solutions, solve_info = solve_block(block, config, lam_fracs, progress, cache_dir)
+    refit = (block.terms, config.refit_ridge) if config.refit else None
     candidates = [
         build_student(s, gates, block.reduction, block.row_info, block.stage, refit)
         for s in solutions
     ]
+    if refit is not None and not all(
+        c.report.get("refit", {}).get("applied", True) for c in candidates
+    ):
+        log(
+            f"{block.stage}: too few images to identify the refitted output layer; kept the solve's"
+        )
     path_report: list[dict[str, Any]] = []
     pick = 0
     if len(candidates) > 1:
@@ -637,7 +779,7 @@ def polish(
     with ``α||U_i|| + (1-α)/2 ||U_i||²`` at a small λ (mostly ridge), warm-started from the
     solution: the fit improves, no new gate can appear, and the refit is certified too.
     """
-    from cvxdist.problems import lam_max, make_problem
+    from cvxdist.problems import lam_max
     from cvxdist.prox import Coupled, GroupElastic
     from cvxdist.solvers import solve
 
@@ -646,7 +788,7 @@ def polish(
     if kept.size == 0:
         return solution, {"gates": gates, "kept_gates": 0}
     sub_gates = gates[:, kept]
-    problem = make_problem(block.rows, block.targets, sub_gates, skip=config.skip, bias=True)
+    problem = convex_problem(block.terms, sub_gates, skip=block.skip)
     # λ on the scale of the group-lasso part (λ_max of ``coupled``), so α and the ridge
     # weight are comparable to the selection solve rather than inflated by 1/α.
     lam = config.polish_lam_frac * float(lam_max(problem, Coupled()))
@@ -669,100 +811,3 @@ def polish(
         "time_s": float(refit.stats.time_s),
     }
     return refit, info
-
-
-def spliced_predict(
-    teacher: Teacher,
-    cut: str,
-    to: str,
-    students: Sequence[BlockStudent],
-    batch_size: int = 500,
-) -> Callable[[np.ndarray], np.ndarray]:
-    """``images -> logits`` of the teacher with stages ``cut..to`` replaced by ``students``."""
-    fns = teacher.cut_functions(cut, to)
-    run_students = chain(students)
-
-    @jax.jit
-    def forward(state: tuple, x: jnp.ndarray) -> jnp.ndarray:
-        variables, student_vars = state
-        return fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
-
-    state = (teacher.variables, [s.variables for s in students])
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(list(batched_apply(forward, state, images, batch_size)))
-
-    return predict
-
-
-def _latency_ms(fn: Callable[[np.ndarray], Any], images: np.ndarray, repeats: int = 5) -> float:
-    fn(images)  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(images))
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times)) / len(images)
-
-
-def evaluate_spliced(
-    teacher: Teacher,
-    students: Sequence[BlockStudent],
-    cut: str,
-    to: str | None,
-    images: np.ndarray,
-    labels: np.ndarray,
-    latency_batch: int = 256,
-) -> dict[str, Any]:
-    """Accuracy, teacher agreement, block-output error, size, FLOPs and CPU latency."""
-    last = cut if to is None else to
-    fns = teacher.cut_functions(cut, last)  # validates the names
-    teacher_logits = teacher.predict(images)
-    spliced = spliced_predict(teacher, cut, last, students)
-    student_logits = spliced(images)
-    run_students = chain(students)
-    student_vars = [s.variables for s in students]
-
-    def block_outputs(v: Any, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        z = fns.prefix(v, x)
-        return fns.block(v, z), run_students(student_vars, z)
-
-    sq_err, total, total_sq, count = 0.0, 0.0, 0.0, 0
-    for y_t, y_s in batched_apply(jax.jit(block_outputs), teacher.variables, images[:2000], 250):
-        sq_err += float(np.sum((y_t - y_s) ** 2, dtype=np.float64))
-        total = total + np.sum(y_t.reshape(-1, y_t.shape[-1]), axis=0, dtype=np.float64)
-        total_sq += float(np.sum(y_t**2, dtype=np.float64))
-        count += y_t.size // y_t.shape[-1]
-    sq_total = total_sq - float(np.sum(np.asarray(total) ** 2)) / max(count, 1)
-    probe = jnp.zeros((1, *images.shape[1:]), jnp.float32)
-    z_probe = fns.prefix(teacher.variables, probe)
-    teacher_block_flops = flops(lambda z: fns.block(teacher.variables, z), z_probe)
-    student_flops = flops(lambda z: run_students(student_vars, z), z_probe)
-    batch = images[:latency_batch]
-    teacher_fn = jax.jit(teacher.apply)
-    spliced_fn = jax.jit(
-        lambda x: fns.suffix(
-            teacher.variables, run_students(student_vars, fns.prefix(teacher.variables, x))
-        )
-    )
-    teacher_params = teacher.block_params(cut, last)
-    student_params = sum(s.report["params"] for s in students)
-    return {
-        "accuracy": float(np.mean(student_logits.argmax(-1) == labels)),
-        "teacher_accuracy": float(np.mean(teacher_logits.argmax(-1) == labels)),
-        "agreement": float(np.mean(student_logits.argmax(-1) == teacher_logits.argmax(-1))),
-        "block_rel_mse": sq_err / max(sq_total, 1e-30),
-        "block_mse": sq_err / max(count, 1),  # per output location, summed over channels
-        "block_params": student_params,
-        "teacher_block_params": teacher_params,
-        "compression": teacher_params / max(student_params, 1),
-        "block_flops": student_flops,
-        "teacher_block_flops": teacher_block_flops,
-        "latency_ms_per_image": _latency_ms(spliced_fn, batch),
-        "teacher_latency_ms_per_image": _latency_ms(
-            lambda x: teacher_fn(teacher.variables, x), batch
-        ),
-        "model_params": teacher.info.get("params", 0) - teacher_params + student_params,
-        "teacher_params": teacher.info.get("params", 0),
-        "test_images": len(images),
-    }

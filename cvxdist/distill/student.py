@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvxdist.mapping import GatedNetwork
+from cvxdist.mapping import GatedNetwork, gated_forward
 
 
 def _zeros(shape: tuple[int, ...]) -> Any:
@@ -77,14 +78,15 @@ class GatedStudent(nn.Module):
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
         d, c, K = self.features, self.outputs, len(self.neuron_gate)
         a = self._features(z)
-        gates = self.param("gates", _zeros((d, self.num_gates)))
-        w_in = self.param("w_in", _zeros((d, K)))
-        w_out = self.param("w_out", _zeros((K, c)))
-        bias = self.param("bias", _zeros((c,)))
-        masks = (a @ gates >= 0)[..., jnp.asarray(self.neuron_gate, jnp.int32)]
-        out = ((a @ w_in) * masks) @ w_out + bias
-        if self.skip:
-            out = out + a @ self.param("skip", _zeros((d, c)))
+        out = gated_forward(
+            a,
+            self.param("gates", _zeros((d, self.num_gates))),
+            self.param("w_in", _zeros((d, K))),
+            self.param("w_out", _zeros((K, c))),
+            jnp.asarray(self.neuron_gate, jnp.int32),
+            self.param("skip", _zeros((d, c))) if self.skip else None,
+            self.param("bias", _zeros((c,))),
+        )
         if self.reduced_out is not None:
             expand = self.param("expand", _zeros((c, self.out_channels)))
             out = out @ expand + self.param("expand_bias", _zeros((self.out_channels,)))
@@ -117,6 +119,47 @@ class GatedStudent(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return a + self.param("proj_bias", _zeros((self.reduced_in,)))
+
+
+class ReluStudent(nn.Module):
+    """Learned-ReLU student block with the convex student's input/output reductions."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    reduced_in: int | None
+    reduced_out: int | None
+    hidden: int
+    skip: bool
+    reduced_channels: int | None = None
+
+    @property
+    def features(self) -> int:
+        if self.reduced_in is not None:
+            return self.reduced_in
+        k = max(self.kernel_size, 1)
+        return k * k * (self.reduced_channels or self.in_channels)
+
+    @property
+    def outputs(self) -> int:
+        return self.reduced_out if self.reduced_out is not None else self.out_channels
+
+    @nn.compact
+    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
+        a = GatedStudent._features(self, z)  # same feature map as the convex student
+        return self.head(a)
+
+    def head(self, a: jnp.ndarray) -> jnp.ndarray:
+        d, c, K = self.features, self.outputs, self.hidden
+        hidden = nn.relu(a @ self.param("w_in", _zeros((d, K))) + self.param("b_in", _zeros((K,))))
+        out = hidden @ self.param("w_out", _zeros((K, c))) + self.param("bias", _zeros((c,)))
+        if self.skip:
+            out = out + a @ self.param("skip", _zeros((d, c)))
+        if self.reduced_out is not None:
+            out = out @ self.param("expand", _zeros((c, self.out_channels)))
+            out = out + self.param("expand_bias", _zeros((self.out_channels,)))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,3 +286,28 @@ def flops(fn: Any, *args: Any) -> float:
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", float("nan")))
+
+
+@dataclasses.dataclass
+class BlockStudent:
+    """One solved stage: the Flax module, its variables and what it took to get there."""
+
+    stage: str
+    module: GatedStudent
+    variables: dict[str, Any]
+    report: dict[str, Any]
+
+    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
+        return self.module.apply(self.variables, z)
+
+
+def chain(students: Sequence[BlockStudent]) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+    """``f(variables_list, z)`` applying the students in order (variables traced)."""
+    modules = [s.module for s in students]
+
+    def run(variables: Sequence[Any], z: jnp.ndarray) -> jnp.ndarray:
+        for module, v in zip(modules, variables):
+            z = module.apply(v, z)
+        return z
+
+    return run

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -20,7 +20,6 @@ from jax import Array
 from cvxdist.duality import Problem, lam_max
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
-from cvxdist.solvers import costs
 from cvxdist.solvers.admm import Admm
 from cvxdist.solvers.common import (
     IterativeSolver,
@@ -30,8 +29,10 @@ from cvxdist.solvers.common import (
     single_threaded_blas,
     solve_compiled,
 )
+from cvxdist.solvers.costs import Rates, choose, choose_linear_solver
 from cvxdist.solvers.fista import Fista
 from cvxdist.solvers.phases import exact_gemms, solve_phased
+from cvxdist.solvers.polish import Run, solve_to_tol
 
 SOLVERS: dict[str, type[IterativeSolver]] = {"fista": Fista}
 
@@ -61,13 +62,13 @@ def make_solver(
 
 
 def choose_solver(
-    problem: Problem | None, *, path_length: int = 1, rates: costs.Rates | None = None
+    problem: Problem | None, *, path_length: int = 1, rates: Rates | None = None
 ) -> str:
     """The solver ``auto`` uses for a problem (or a path of ``path_length`` λ): the faster of
     R-FISTA and ADMM by the measured cost model of :mod:`cvxdist.solvers.costs` (composed
     data terms and more than ``DENSE_MAX_ROWS`` rows: R-FISTA). ``costs.explain`` gives the
     predicted times behind the choice."""
-    return costs.choose(problem, path_length=path_length, rates=rates)
+    return choose(problem, path_length=path_length, rates=rates)
 
 
 @eqx.filter_jit
@@ -131,29 +132,33 @@ def _initial_weights(problem: Problem, init: Any) -> Array:
     return U0
 
 
-def _phased(screen: bool, **phase_options: Any) -> Callable[..., Solution]:
-    """The phased solve of :mod:`cvxdist.solvers.phases` with the signature of
-    :func:`~cvxdist.solvers.common.solve_compiled` (``phase_options``: ``working_set``,
-    ``strong_from``)."""
+def _run(screen: bool, **phase_options: Any) -> Run:
+    """One solve in the problem's dtype: phased (:mod:`cvxdist.solvers.phases`: screening,
+    working sets (``phase_options``: ``working_set``, ``strong_from``), or GEMMs that are not
+    float32-exact) or one compiled loop; ``lam`` and ``tol`` become traced."""
 
     def run(
         solver: IterativeSolver,
         problem: Problem,
-        lam: Array,
+        lam: Array | float,
         U0: Array,
         tol: float,
         max_iters: int,
     ) -> Solution:
-        return solve_phased(
-            solver,
-            problem,
-            lam,
-            U0,
-            float(tol),
-            int(max_iters),
-            screen_gates=screen,
-            **phase_options,
-        )
+        lam = jnp.asarray(lam, problem.dtype)
+        if screen or phase_options.get("working_set") or not exact_gemms(problem):
+            return solve_phased(
+                solver,
+                problem,
+                lam,
+                U0,
+                float(tol),
+                int(max_iters),
+                screen_gates=screen,
+                **phase_options,
+            )
+        tol = jnp.asarray(tol, problem.dtype)
+        return solve_compiled(solver, problem, lam, U0, tol, int(max_iters))
 
     return run
 
@@ -163,10 +168,18 @@ def _timed(fn: Any, *args: Any) -> Solution:
     with single_threaded_blas():
         solution = jax.block_until_ready(fn(*args))
     elapsed = time.perf_counter() - start
-    shape = solution.stats.time_s.shape
-    return eqx.tree_at(
-        lambda s: s.stats.time_s, solution, jnp.full(shape, elapsed, solution.stats.time_s.dtype)
-    )
+    like = solution.stats.time_s
+    with jax.enable_x64(like.dtype == jnp.float64):  # a polished solution is float64
+        return eqx.tree_at(lambda s: s.stats.time_s, solution, jnp.full_like(like, elapsed))
+
+
+def _add_time(solution: Solution, seconds: float) -> Solution:
+    """``solution`` with ``seconds`` added to its wall time (in its own dtype)."""
+    like = solution.stats.time_s
+    with jax.enable_x64(like.dtype == jnp.float64):
+        return eqx.tree_at(
+            lambda s: s.stats.time_s, solution, like + jnp.asarray(seconds, like.dtype)
+        )
 
 
 def solve(
@@ -181,6 +194,8 @@ def solve(
     init: Array | Solution | None = None,
     screen: bool = False,
     working_set: bool = False,
+    strong_from: float | None = None,
+    polish: bool = True,
     **solver_options: Any,
 ) -> Solution:
     """Solve one gated-ReLU problem to a relative duality gap ≤ ``tol``.
@@ -196,30 +211,34 @@ def solve(
             (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
         working_set: solve in phases on working sets of gates ranked by their KKT violation,
             grown until the gap on all gates is ≤ ``tol`` (:mod:`cvxdist.solvers.phases`).
+        strong_from: the λ that ``init`` solves (the previous λ of a path): working sets whose
+            first one is the sequential strong set (as :func:`solve_path` with ``strong``).
+        polish: when ``tol`` is below what float32 can certify (128 eps, 1.5e-5), solve in
+            float32 to that floor, then continue in float64 (:mod:`cvxdist.solvers.polish`);
+            ``False`` stops at the floor with ``RESULTS.precision_floor``.
 
     Returns:
         A :class:`Solution`; ``solution.stats.time_s`` is the wall time including compilation
         when this is the first call for these shapes. With ``screen``, or GEMMs that are not
         float32-exact (``"bf16"``; ``"default"`` on GPU/TPU), the solve runs in phases
         (:mod:`cvxdist.solvers.phases`) and the certificate is recomputed with full-precision GEMMs.
+        A polished solution has float64 weights and statistics.
     """
     lam, _ = resolve_lam(problem, reg, lam, lam_frac)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
-    dtype = problem.dtype
-    if screen or working_set or not exact_gemms(problem):
-        run = _phased(screen, working_set=working_set)
-        return _timed(run, solver_obj, problem, jnp.asarray(lam, dtype), U0, tol, max_iters)
     return _timed(
-        solve_compiled,
+        solve_to_tol,
+        _run(screen, working_set=working_set or strong_from is not None, strong_from=strong_from),
         solver_obj,
         problem,
-        jnp.asarray(lam, dtype),
+        lam,
         U0,
-        jnp.asarray(tol, dtype),
+        tol,
         int(max_iters),
+        polish,
     )
 
 
@@ -306,6 +325,39 @@ def lam_grid(lmax: float, num: int = 10, min_frac: float = 1e-2) -> np.ndarray:
     return lmax * np.geomspace(1.0, min_frac, num)
 
 
+def path_solver(
+    problem: Problem,
+    solver: str | IterativeSolver,
+    reg: str | Regularizer,
+    path_length: int,
+    *,
+    screen: bool = False,
+    **solver_options: Any,
+) -> tuple[IterativeSolver, float]:
+    """The solver of a λ path of ``path_length`` values on ``problem``: ``auto`` chosen for
+    the whole path (:mod:`cvxdist.solvers.costs`) and, for ADMM, the kernel factored once for
+    every λ and ρ when that is predicted faster (``eigh``; not with ``screen``, whose
+    restricted problems have other kernels).
+
+    Returns:
+        The solver (pass it to :func:`solve` for each λ) and the seconds its factorization
+        took (0 without one).
+
+    Raises:
+        ValueError: ADMM on a problem it does not solve (composed data terms).
+    """
+    if isinstance(solver, str) and solver == "auto":
+        solver = choose_solver(problem, path_length=path_length)
+    solver_obj = make_solver(solver, reg, problem, **solver_options)
+    start = time.perf_counter()
+    if isinstance(solver_obj, Admm) and not screen:
+        if solver_obj.linear_solver == "auto":
+            linear = choose_linear_solver(problem, path_length)
+            solver_obj = eqx.tree_at(lambda s: s.linear_solver, solver_obj, linear)
+        solver_obj = jax.block_until_ready(solver_obj.factorized(problem))
+    return solver_obj, time.perf_counter() - start
+
+
 def solve_path(
     problem: Problem,
     lams: Sequence[float] | None = None,
@@ -318,13 +370,14 @@ def solve_path(
     progress: bool = True,
     screen: bool = False,
     strong: bool = True,
+    polish: bool = True,
     **solver_options: Any,
 ) -> list[Solution]:
     """Warm-started regularization path, largest λ first (one compilation for all λ).
 
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
-    descending. Returns one Solution per λ, in that order. ``screen`` applies gap-safe
-    screening to each solve (see :func:`solve`).
+    descending. Returns one Solution per λ, in that order. ``screen`` and ``polish`` apply
+    to each solve (see :func:`solve`).
 
     ``strong`` (R-FISTA): each λ is solved in working-set phases whose first set is glmnet's
     sequential strong set (gates with ``‖∇f_i‖° ≥ 2λ − λ_prev`` at the previous solution, and
@@ -341,41 +394,33 @@ def solve_path(
     if lams is None:
         values = values * lmax
     values = np.sort(values.ravel())[::-1]
-    if solver == "auto":
-        solver = choose_solver(problem, path_length=len(values))
-    solver_obj = make_solver(solver, regularizer, problem, **solver_options)
-    start = time.perf_counter()
-    if isinstance(solver_obj, Admm):
-        if solver_obj.linear_solver == "auto":
-            linear = costs.choose_linear_solver(problem, len(values))
-            solver_obj = eqx.tree_at(lambda s: s.linear_solver, solver_obj, linear)
-        solver_obj = jax.block_until_ready(solver_obj.factorized(problem))
-    setup_s = time.perf_counter() - start
+    solver_obj, setup_s = path_solver(
+        problem, solver, regularizer, len(values), screen=screen, **solver_options
+    )
     strong = strong and not isinstance(solver_obj, Admm)
     dtype = problem.dtype
     U = problem.zeros()
     solutions = []
     from tqdm.auto import tqdm
 
-    phased = screen or strong or not exact_gemms(problem)
     previous = lmax
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
             options = {"working_set": True, "strong_from": previous} if strong else {}
             solution = _timed(
-                _phased(screen, **options) if phased else solve_compiled,
+                solve_to_tol,
+                _run(screen, **options),
                 solver_obj,
                 problem,
-                jnp.asarray(lam, dtype),
+                lam,
                 U,
-                tol if phased else jnp.asarray(tol, dtype),
+                tol,
                 int(max_iters),
+                polish,
             )
             if not solutions and setup_s > 0:
-                solution = eqx.tree_at(
-                    lambda s: s.stats.time_s, solution, solution.stats.time_s + setup_s
-                )
-            U = solution.weights.U
+                solution = _add_time(solution, setup_s)
+            U = solution.weights.U.astype(dtype)  # a polished solution is float64
             previous = float(lam)
             bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
             solutions.append(solution)

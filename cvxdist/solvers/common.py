@@ -36,6 +36,12 @@ class RESULTS(eqx.Enumeration):
         "the line search could not find a decreasing step: the problem is badly scaled, or "
         "tol is below what this precision can certify (use float64 or a looser tol)"
     )
+    precision_floor = (
+        "tol is below the smallest relative duality gap that float32 arithmetic can certify "
+        "(128 eps, about 1.5e-5; smaller float32 gaps are rounding noise), so the solve stopped "
+        "at that floor: polish in float64 (solve(..., polish=True), the default), solve in "
+        "float64 (--dtype float64), or use tol >= 1.5e-5"
+    )
 
 
 class Weights(NamedTuple):
@@ -119,6 +125,12 @@ class IterativeSolver(eqx.Module):
     def stats_extra(self, state: Any) -> Array:
         """The solver's step parameter reported in the stats."""
         return jnp.full((), jnp.nan)
+
+    def unprepared(self) -> IterativeSolver:
+        """This solver without what it precomputed for one problem (ADMM's kernel factor), to
+        solve another: a restriction to fewer gates (screening, working sets) or a float64
+        copy (polishing)."""
+        return self
 
 
 def iterate(

@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cvxdist.solvers.admm import DENSE_MAX_ROWS
 from cvxdist.solvers.common import single_threaded_blas
+from cvxdist.solvers.kernel import DENSE_MAX_ROWS
 
 #: R-FISTA iterations to a relative gap of 1e-3 (calibration; see the module docstring).
 FISTA_ITERATIONS = 150.0
@@ -92,7 +92,7 @@ def _shapes(problem: Any) -> tuple[int, int, int, int] | None:
 
 
 def predict(
-    problem: Any, rates: Rates, *, path_length: int = 1, certify_every: int = 3
+    problem: Any, rates: Rates, *, path_length: int = 1, certify_every: int = 1
 ) -> dict[str, float]:
     """Predicted seconds of a solve (or of a path of ``path_length`` λ) per solver:
     ``fista``, ``admm_cholesky`` and ``admm_eigh`` (absent where ADMM does not apply)."""

@@ -132,6 +132,7 @@ def solve_phased(
     sub, sub_bounds, U_sub = problem, bounds, U0
     if tested:  # the same pytree structure (a gate mask) for every phase: fewer compiles
         sub = problem.restrict_gates(active, num_gates)
+        solver = solver.unprepared()  # a factor precomputed for all gates does not apply
     floor = float(tol)
     iterations = 0
     work = 0.0  # GEMM pairs, in units of one full-width pair

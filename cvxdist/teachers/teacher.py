@@ -36,6 +36,7 @@ from cvxdist.teachers.checkpoint import (
     load_tree,
     save_tree,
     tree_sha256,
+    write_atomic,
 )
 from cvxdist.teachers.models import (
     ArchConfig,
@@ -348,7 +349,7 @@ def save_teacher(
         "checkpoint": CHECKPOINT_NAME,
         "checkpoint_sha256": sha,
     }
-    (directory / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(directory / METADATA_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 

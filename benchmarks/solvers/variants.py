@@ -1,7 +1,7 @@
 """Solver variants of ``cvxdist bench solvers``: working sets, screening, Anderson, ADMM.
 
 Each variant solves the benchmark problem like R-FISTA does in :mod:`benchmarks.solvers`
-(:func:`benchmarks.solvers.run_cvxdist`: the benchmark's own float64 gap decides whether the
+(:func:`benchmarks.solvers.ours.run_cvxdist`: the benchmark's own float64 gap decides whether the
 target was reached, a first call with compilation, then steady-state calls) and is reported
 per problem with its iterations, its work in full-width iteration-equivalents, the size of its
 last working set, its active gates, its times and its speedups against pyscnn (steady, and
@@ -26,6 +26,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.common import fmt, markdown_table
+from benchmarks.solvers.instances import REG
+from benchmarks.solvers.ours import run_cvxdist
+
 #: Variant name -> (solver name, solver options, solve options). ``fista`` and ``admm`` are
 #: measured by the main benchmark; these are the additional ones.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -44,18 +48,17 @@ def admm_equivalents(record: dict[str, Any], shape: dict[str, int], certify_ever
 
 
 def run_variants(
-    run_cvxdist: Callable[..., dict[str, Any]],
     problem: Any,
     lam: float,
     evaluator: Any,
     repeats: int,
     log: Callable[[str], None],
-    reg: str,
+    reg: str = REG,
 ) -> dict[str, dict[str, Any]]:
     """Every variant of :data:`VARIANTS` through ``run_cvxdist`` (the main benchmark's runner)."""
     from cvxdist.prox import get_regularizer
     from cvxdist.solvers import make_solver
-    from cvxdist.solvers.admm import DENSE_MAX_ROWS
+    from cvxdist.solvers.kernel import DENSE_MAX_ROWS
 
     records = {}
     for name, (solver, solver_options, options) in VARIANTS.items():
@@ -139,8 +142,10 @@ def variants_summary(problems: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def variants_table(payload: dict[str, Any], fmt: Callable[[Any], str], table: Callable) -> str:
-    """Markdown: one row per problem and solver."""
+def variants_table(payload: dict[str, Any]) -> str:
+    """Markdown: one row per problem and solver (empty when no problem measured variants)."""
+    if not any(p.get("solvers") for p in payload["problems"]):
+        return ""
     rows = []
     for p in payload["problems"]:
         shape = f"N={p['N']} d={p['d']} c={p['c']} P={p['P']} λ={p['lam_frac']}λmax"
@@ -179,7 +184,7 @@ def variants_table(payload: dict[str, Any], fmt: Callable[[Any], str], table: Ca
     lines = [
         "## Every solver against pyscnn",
         "",
-        table(header, rows),
+        markdown_table(header, rows),
         "",
         "Iteration-equivalents: GEMM work in full-width iterations (working-set phases count "
         "their width, tests between phases count, ADMM counts its three GEMMs and its kernel) "
