@@ -16,7 +16,8 @@ from cvxdist.data import load_dataset, samples_per_class
 from cvxdist.distill import DistillConfig, distill, evaluate_spliced, spliced_predict
 from cvxdist.distill.io import load_students
 from cvxdist.distill.objectives import activation_term
-from cvxdist.distill.pipeline import _replaced_input_fn, prepare_block, solve_prepared
+from cvxdist.distill.pipeline import prepare_block, solve_prepared
+from cvxdist.distill.prepare import _replaced_input_fn
 from cvxdist.distill.student import (
     BlockStudent,
     GatedStudent,
