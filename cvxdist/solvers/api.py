@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.duality import Problem, lam_max
+from cvxdist.duality import Problem, gate_alignment, lam_max
+from cvxdist.operators import rounding_guard
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
 from cvxdist.solvers.admm import Admm
@@ -113,6 +114,9 @@ def resolve_lam(
     if lam is None:
         lam = float(_check_lam(lam_frac, "lam_frac")) * lmax
     lam = float(_check_lam(lam))
+    adjusted = _unless_degenerate(problem, lam, lmax)
+    if adjusted != lam:
+        return adjusted, lmax
     if lam >= lmax:
         warnings.warn(
             f"lam = {lam:.4g} >= lam_max = {lmax:.4g}: every gate is pruned and the model is "
@@ -120,6 +124,25 @@ def resolve_lam(
             stacklevel=3,
         )
     return lam, lmax
+
+
+def _unless_degenerate(problem: Problem, lam: float, lmax: float) -> float:
+    """``lam``, or ``λ_max`` (so ``U = 0``, certified) with a warning when the gates' features
+    correlate with the projected targets only at rounding level (`gate_alignment`)."""
+    if lam >= lmax:
+        return lam
+    alignment = float(gate_alignment(problem))
+    guard = rounding_guard(problem.dtype)
+    if alignment < guard:
+        warnings.warn(
+            f"the gates correlate with what the skip/bias leave of the targets only at rounding "
+            f"level ({alignment:.2g} < {guard:.2g}): their features lie in the span of the "
+            "skip/bias, so U = 0 (solved at lam = lam_max); use fewer skip dimensions or other "
+            "gates",
+            stacklevel=4,
+        )
+        return lmax
+    return lam
 
 
 def _initial_weights(problem: Problem, init: Any) -> Array:
@@ -394,6 +417,8 @@ def solve_path(
     if lams is None:
         values = values * lmax
     values = np.sort(values.ravel())[::-1]
+    if _unless_degenerate(problem, float(values[-1]), lmax) >= lmax:
+        values = np.maximum(values, lmax)
     solver_obj, setup_s = path_solver(
         problem, solver, regularizer, len(values), screen=screen, **solver_options
     )

@@ -91,6 +91,7 @@ class FistaState(NamedTuple):
     beta: Array | None  # skip/bias least-squares coefficients at U
     momentum: Array  # t
     step: Array  # η
+    max_step: Array  # the cap on η: ``max_step_growth / L̄``, L̄ ≥ L (gate norm bounds)
     iteration: Array
     evaluation: Evaluation
     subgrad_sq: Array
@@ -125,11 +126,19 @@ def anderson_coefficients(iterates: Array) -> Array:
     return z / jnp.sum(z)
 
 
+def _lipschitz_bound(problem: Problem) -> Array:
+    """``L̄ = Σ_i ‖A_i‖²`` (gate norm bounds in the data fit's metric): at least the data
+    term's Lipschitz constant, since ``‖Σ_i A_i U_i‖ ≤ Σ_i ‖A_i‖ ‖U_i‖``."""
+    bounds = problem.gate_norm_bounds()
+    return jnp.maximum(jnp.sum(bounds * bounds), jnp.finfo(bounds.dtype).tiny)
+
+
 class Fista(IterativeSolver):
     """R-FISTA with backtracking, step growth and gradient-mapping restarts.
 
     Attributes (static): the regularizer, ``growth`` (step multiplier tried each iteration),
     ``shrink`` (multiplier on a rejected step), ``max_backtracks`` per iteration,
+    ``max_step_growth`` (the step never exceeds this multiple of a safe ``1/L̄``),
     ``anderson`` (``m``: Anderson extrapolation from the last ``m + 1`` iterates every ``m + 1``
     iterations, 0 = off; see the module docstring) and ``momentum`` (False: proximal gradient
     without Nesterov's extrapolation).
@@ -141,6 +150,11 @@ class Fista(IterativeSolver):
     max_backtracks: int = 60
     anderson: int = 0
     momentum: bool = True
+    # Along a direction the data term does not see (a gate whose features the skip already
+    # spans) ``dr`` is rounding noise and the line search accepts any step: uncapped, the step
+    # grew to 6.5e8 and float32 iterates reached NaN. ``1/L̄`` with L̄ = Σ_i ‖A_i‖² ≥ L is a
+    # safe step; a step beyond ``max_step_growth / L̄`` helps no solve.
+    max_step_growth: float = 1e4
 
     def __check_init__(self) -> None:
         if not (self.growth >= 1.0 and 0.0 < self.shrink < 1.0 and self.growth * self.shrink < 1):
@@ -185,6 +199,7 @@ class Fista(IterativeSolver):
             beta=beta,
             momentum=jnp.ones((), U0.dtype),
             step=step,
+            max_step=self.max_step_growth / _lipschitz_bound(problem),
             iteration=zero,
             evaluation=evaluation,
             subgrad_sq=subgrad_sq,
@@ -256,7 +271,8 @@ class Fista(IterativeSolver):
             return (~accepted) & (count < self.max_backtracks)
 
         no = jnp.zeros((), bool)
-        start = (state.step * self.growth, V, r_V, state.beta, jnp.zeros((), jnp.int32), no)
+        grown = jnp.minimum(state.step * self.growth, state.max_step)
+        start = (grown, V, r_V, state.beta, jnp.zeros((), jnp.int32), no)
         step, U_new, r_new, beta_new, count, accepted = lax.while_loop(rejected, trial, start)
         grad_new = problem.gradient(r_new)
         evaluation, subgrad_sq = self._certify(problem, lam, U_new, r_new, grad_new, step)
@@ -271,6 +287,7 @@ class Fista(IterativeSolver):
             beta=beta_new,
             momentum=jnp.where(restart, jnp.ones_like(t_next), t_next),
             step=step,
+            max_step=state.max_step,
             iteration=state.iteration + 1,
             evaluation=evaluation,
             subgrad_sq=subgrad_sq,
