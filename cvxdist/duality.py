@@ -154,3 +154,18 @@ def correlation(problem: Problem) -> Array:
 def lam_max(problem: Problem, reg: Regularizer) -> Array:
     """Smallest λ at which ``U = 0`` is optimal for ``reg`` (full-precision GEMMs)."""
     return reg.lam_max(correlation(problem.with_precision("highest")))
+
+
+@eqx.filter_jit
+def gate_alignment(problem: Problem) -> Array:
+    """:math:`\\max_i \\|\\mathcal A_i^T C P_\\perp T\\|_F / (\\bar a_i \\|P_\\perp T\\|_C)`,
+    in ``[0, 1]`` (``ā_i`` the gate norm bounds): how well the best gate's features correlate
+    with what the skip and bias leave of the targets. At rounding level the gates see nothing
+    the skip and bias do not (e.g. a gate on for every row, with the skip): the only optimum
+    the float arithmetic can certify is ``U = 0``; a small λ would chase rounding noise."""
+    exact = problem.with_precision("highest")
+    corr = correlation(exact)
+    norms = jnp.sqrt(jnp.sum(corr * corr, axis=(1, 2)))
+    scale = jnp.sqrt(2.0 * target_energy(exact)) * exact.gate_norm_bounds()
+    ratios = jnp.where(scale > 0, norms / jnp.where(scale > 0, scale, 1.0), 0.0)
+    return jnp.max(ratios)

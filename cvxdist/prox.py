@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 
 def _safe_norm(x: Array, axis: tuple[int, ...], keepdims: bool = False) -> Array:
@@ -45,14 +45,19 @@ def _group_soft_threshold(U: Array, threshold: Array, axis: tuple[int, ...]) -> 
 def _group_min_norm_subgradient_sq(
     U: Array, grad: Array, lam: Array, axis: tuple[int, ...], weight: float = 1.0
 ) -> Array:
-    """Squared norm of the minimum-norm element of grad + lam * weight * d(sum of group norms)."""
-    norms = _safe_norm(U, axis, keepdims=True)
-    active = norms > 0
-    direction = U / jnp.where(active, norms, 1.0)
-    on_active = jnp.sum((grad + lam * weight * direction) ** 2 * active)
-    grad_norms = _safe_norm(grad, axis, keepdims=True)
-    on_zero = jnp.sum(jnp.maximum(grad_norms - lam * weight, 0.0) ** 2 * (~active))
-    return on_active + on_zero
+    """Squared norm of the minimum-norm element of grad + lam * weight * d(sum of group norms).
+
+    Written with ``rsqrt`` of the group sums and ``where`` masks: dividing by a broadcast group
+    norm made XLA's CPU fusion recompute the reduction per element (20x slower, a fifth of an
+    R-FISTA iteration at N = 1000). Not differentiated, so no safe-norm gradient is needed.
+    """
+    sq = jnp.sum(U * U, axis=axis, keepdims=True)
+    active = sq > 0
+    direction = U * lax.rsqrt(jnp.where(active, sq, 1.0))
+    on_active = jnp.sum(jnp.where(active, (grad + lam * weight * direction) ** 2, 0.0))
+    grad_norms = jnp.sqrt(jnp.sum(grad * grad, axis=axis, keepdims=True))
+    excess = jnp.maximum(grad_norms - lam * weight, 0.0)
+    return on_active + jnp.sum(jnp.where(active, 0.0, excess**2))
 
 
 class Regularizer(eqx.Module):

@@ -83,20 +83,27 @@ class ScreenResult(eqx.Module):
     rel_gap: Array  # the relative duality gap at U (full-precision GEMMs)
     primal: Array  # F(U)
     slack: Array  # (P,) ρ below which each gate would be screened (≤ 0: not with these norms)
+    violation: Array  # (P,) KKT score ‖∇f(U)_i‖° / λ: > 1 means gate i wants to enter
 
 
 @eqx.filter_jit
-def screen(problem: Problem, reg: Regularizer, lam: Array, U: Array, bounds: Array) -> ScreenResult:
+def screen(
+    problem: Problem, reg: Regularizer, lam: Array, U: Array, bounds: Array | None
+) -> ScreenResult:
     """Gap-safe test at ``U``: which gates cannot be proven zero at the optimum.
 
     Args:
         problem: the (possibly restricted) problem; its gap certifies the full one as long as
             every gate removed so far was removed by this test.
         U: current weights ``(P, d, c)``.
-        bounds: ``(P,)`` upper bounds on ``‖C^{1/2}𝒜_i‖₂`` from :func:`operator_norm_bounds`.
+        bounds: ``(P,)`` upper bounds on ``‖C^{1/2}𝒜_i‖₂`` from :func:`operator_norm_bounds`,
+            or ``None`` to skip the test (every live gate kept; the gap and the KKT scores of
+            the working sets are still computed).
 
     The residual, gradient and gap are recomputed at full precision (:func:`certify`), so a
     bfloat16 solve screens on float32 numbers. Dead gates (``gate_mask`` False) are never kept.
+    ``violation`` is the dual norm of each gate's gradient block against λ (the subdifferential
+    test of ``U_i = 0``), with which working sets rank the gates.
     """
     cert = certify(problem, reg, lam, U)
     evaluation = cert.evaluation
@@ -105,16 +112,20 @@ def screen(problem: Problem, reg: Regularizer, lam: Array, U: Array, bounds: Arr
     scale_of_terms = jnp.abs(evaluation.primal) + jnp.abs(evaluation.dual)
     gap = jnp.maximum(evaluation.primal - evaluation.dual, 0.0) + 16.0 * eps * scale_of_terms
     radius = jnp.sqrt(2.0 * gap / problem.datafit.strong_concavity)
-    norms, weight = _dual_correlation_norms(reg, -cert.scale * cert.grad)
-    if norms.ndim == 2:  # one_vs_all: a gate goes when all of its outputs do
-        norms = jnp.max(norms, axis=1)
+    grad_norms, weight = _dual_correlation_norms(reg, cert.grad)
+    if grad_norms.ndim == 2:  # one_vs_all: a gate goes when all of its outputs do
+        grad_norms = jnp.max(grad_norms, axis=1)
+    norms = cert.scale * grad_norms  # of the dual correlation -s ∇f (norms are homogeneous)
+    violation = grad_norms / jnp.where(lam > 0, lam * weight, 1.0)
     threshold = lam * weight * (1.0 - guard)
-    zero = norms + radius * bounds < threshold
-    keep = ~zero
-    if problem.gate_mask is not None:
-        keep = keep & problem.gate_mask
-    slack = (threshold - norms) / jnp.where(bounds > 0, bounds, 1.0)
-    return ScreenResult(keep, radius, gap, evaluation.rel_gap, evaluation.primal, slack)
+    live = jnp.ones(norms.shape, bool) if problem.gate_mask is None else problem.gate_mask
+    if bounds is None:
+        keep, slack = live, jnp.zeros_like(norms)
+    else:
+        keep = live & ~(norms + radius * bounds < threshold)
+        slack = (threshold - norms) / jnp.where(bounds > 0, bounds, 1.0)
+    violation = jnp.where(live, violation, -jnp.inf)
+    return ScreenResult(keep, radius, gap, evaluation.rel_gap, evaluation.primal, slack, violation)
 
 
 def gap_to_screen(result: ScreenResult, count: int) -> float:

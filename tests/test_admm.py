@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,13 +13,13 @@ from cvxdist import operators
 from cvxdist.mapping import predict_convex
 from cvxdist.problems import evaluate, lam_max, make_problem
 from cvxdist.prox import get_regularizer
-from cvxdist.solvers import RESULTS, Admm, choose_solver, solve, solve_batch, trace_count
-from cvxdist.solvers.admm import (
-    _nystrom_precondition,
-    _pcg,
+from cvxdist.solvers import RESULTS, Admm, solve, solve_batch, trace_count
+from cvxdist.solvers.kernel import (
     apply_kernel,
     dense_kernel,
     nystrom,
+    nystrom_precondition,
+    pcg,
 )
 
 # Every test runs with 64-bit arrays (the conftest fixture), so checks can be tight.
@@ -105,9 +103,9 @@ def test_nystrom_of_full_rank_reproduces_the_kernel_and_preconditions_exactly():
     # Full rank: the preconditioned operator is (λ_min + μ) I, so one CG step solves.
     mu = 0.3
     b = jnp.asarray(np.random.default_rng(2).standard_normal((rows, 2)))
-    solution, _, steps = _pcg(
+    solution, _, steps = pcg(
         lambda V: mu * V + kernel @ V,
-        lambda R: _nystrom_precondition(vecs, vals, mu, R),
+        lambda R: nystrom_precondition(vecs, vals, mu, R),
         b,
         jnp.zeros_like(b),
         1e-10,
@@ -265,23 +263,6 @@ def test_warm_start_at_the_optimum_stops_at_once():
     again = solve(problem, lam, reg="one_vs_all", solver="admm", tol=1e-10, init=first)
     assert int(again.stats.iterations) <= 1
     assert again.converged
-
-
-@pytest.mark.parametrize(
-    "shape, expected",
-    [
-        ((1000, 50, 1, 500), "admm"),  # the CPU benchmark problems
-        ((5000, 100, 10, 1000), "admm"),
-        ((20000, 200, 1, 2000), "fista"),  # no dense kernel; CG never pays off
-        ((8000, 20, 1, 100), "fista"),  # cheap GEMMs: the kernel would dominate
-    ],
-)
-def test_auto_chooses_by_shape(shape, expected):
-    N, d, c, P = shape
-    # choose_solver reads shapes only: stand-in arrays, no problem data.
-    stand_in = SimpleNamespace(X=np.empty((1, N, d)), G=np.empty((d, P)), Y=np.empty((1, N, c)))
-    assert choose_solver(stand_in) == expected
-    assert choose_solver(None) == "fista"
 
 
 # --------------------------------------------------------------------------------- errors

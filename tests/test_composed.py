@@ -19,7 +19,7 @@ from cvxdist.duality import certify, lam_max
 from cvxdist.problems import make_problem
 from cvxdist.prox import get_regularizer
 from cvxdist.readouts import Dense, GroupMean, Identity, PerGroup
-from cvxdist.solvers import solve, trace_count
+from cvxdist.solvers import solve, solve_path, trace_count
 
 GROUPS, L, D, C, P, K_OUT = 10, 4, 4, 3, 6, 2
 REGS = ("coupled", "nuclear")
@@ -248,9 +248,18 @@ def test_a_new_lambda_does_not_recompile():
 
 
 def test_admm_refuses_composed_problems():
+    """Every ADMM route refuses composed terms with one message; ``auto`` gives them R-FISTA
+    (on a path too, where R-FISTA uses the strong rule)."""
     problem = build("head", False, False, dtype="float32")
-    with pytest.raises(ValueError, match="ADMM solves plain gated-row problems only"):
-        solve(problem, lam_frac=0.1, solver="admm")
+    refusal = "ADMM solves plain gated-row problems only"
+    for options in ({}, {"working_set": True}, {"screen": True}, {"certify_every": 3}):
+        with pytest.raises(ValueError, match=refusal):
+            solve(problem, lam_frac=0.1, solver="admm", **options)
+    for linear_solver in ("auto", "eigh"):
+        with pytest.raises(ValueError, match=refusal):
+            solve_path(problem, lam_fracs=[0.5, 0.1], solver="admm", linear_solver=linear_solver)
+    path = solve_path(problem, lam_fracs=[0.5, 0.1], solver="auto", tol=1e-3, progress=False)
+    assert all(bool(s.converged) for s in path)
 
 
 def test_data_term_rejects_mismatched_targets():

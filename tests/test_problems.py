@@ -93,3 +93,32 @@ def test_reported_gap_bounds_the_true_suboptimality(
     # certify() at the returned weights reproduces the reported certificate.
     again = certify(problem, regularizer(reg), stats.lam, w.U).evaluation
     np.testing.assert_allclose(float(again.rel_gap), gap, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [False, True])
+def test_gates_inside_the_skip_span_give_zero_weights_not_noise(path):
+    # Every gate is on for every row (x_0 = 1), so each gate's features are X, which the
+    # skip already spans: the data fit does not depend on U and the optimum is U = 0 with the
+    # skip's least-squares fit. Before the guard, a float32 R-FISTA at a small λ chased
+    # rounding noise (step 6.5e8, NaN after 5 iterations on a pooled-feature student).
+    from cvxdist.problems import make_problem
+    from cvxdist.solvers import solve_path
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5)).astype(np.float32)
+    X[:, 0] = 1.0
+    Y = rng.standard_normal((60, 3)).astype(np.float32)
+    G = np.zeros((5, 4), np.float32)
+    G[0] = [1.0, 2.0, 0.5, 3.0]
+    problem = make_problem(X, Y, G, skip=True, bias=True)
+    with pytest.warns(UserWarning, match="rounding"):
+        if path:
+            sol = solve_path(problem, lam_fracs=[0.1, 0.001], reg="coupled")[-1]
+        else:
+            sol = solve(problem, lam_frac=0.001, reg="coupled")
+    assert np.all(np.asarray(sol.U) == 0)
+    features = np.c_[X.astype(np.float64), np.ones(60)]
+    fit = features @ np.linalg.lstsq(features, Y.astype(np.float64), rcond=None)[0]
+    expected = 0.5 * np.sum((fit - Y) ** 2) / 60
+    assert np.isfinite(float(sol.stats.rel_gap))
+    assert float(sol.stats.objective) == pytest.approx(expected, rel=1e-5)

@@ -25,17 +25,23 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from problem_bank import BANK, BANK_BY_NAME, COMPOSED_BANK, CVXPY_REGS, bank_lam, cvxpy_reference
 
 from cvxdist.cli import main
-from cvxdist.solvers import choose_solver, solve, solve_batch, solve_path
+from cvxdist.solvers import choose_solver, make_solver, solve, solve_batch, solve_path
+from cvxdist.solvers.phases import solve_phased
 
 ALL_SPECS = tuple(spec.name for spec in BANK)
 RTOL = {"float64": 1e-6, "float32": 1e-3, "bf16": 1e-3}
 SOLVE_TOL = {"float64": 1e-9, "float32": 1e-4, "bf16": 1e-4}
 PATH_FRACS = (0.5, 0.1, 0.02)  # solve_batch / solve_path lanes, as fractions of λ_max
+#: A fine λ grid, as the sequential strong rule wants (2λ - λ_prev > 0 from the second λ on).
+STRONG_FRACS = (0.5, 0.45, 0.4)
+#: Working-set buckets for the bank's 6-12 gates (``solve`` starts at 64 gates, i.e. all).
+SMALL_BUCKET = 2
 SCREEN_REGS = ("coupled", "nuclear")  # screening with the others: test_screening (CVXPY too)
 
 #: Kinds of composed data terms (DESIGN §2a) that the paths below already support. When the
@@ -117,8 +123,10 @@ def batched(solver: str) -> Callable:
     return run
 
 
-def path(solver: str) -> Callable:
-    """:func:`solve_path` (warm starts, largest λ first): every λ checked."""
+def path(solver: str, **path_options: Any) -> Callable:
+    """:func:`solve_path` (warm starts, largest λ first; R-FISTA's λ after the first start from
+    the strong set, ADMM factors its kernel once with ``linear_solver="eigh"``): every λ
+    checked."""
 
     def run(spec, reg, lam, dtype, context):
         del lam, context
@@ -131,9 +139,65 @@ def path(solver: str) -> Callable:
             tol=SOLVE_TOL[dtype],
             max_iters=100_000,
             progress=False,
+            **path_options,
         )
         lams = [bank_lam(spec.name, reg, frac) for frac in sorted(PATH_FRACS, reverse=True)]
         return [_result(s, value) for s, value in zip(solutions, lams, strict=True)]
+
+    return run
+
+
+def phased(**phase_options: Any) -> Callable:
+    """R-FISTA through :func:`cvxdist.solvers.phases.solve_phased` with working-set buckets of
+    :data:`SMALL_BUCKET` gates, so that the bank's few gates really split into working sets."""
+
+    def run(spec, reg, lam, dtype, context):
+        del context
+        problem = spec.problem(dtype)
+        solver = make_solver("fista", reg, problem)
+        solution = solve_phased(
+            solver,
+            problem,
+            jnp.asarray(lam, problem.dtype),
+            problem.zeros(),
+            SOLVE_TOL[dtype],
+            100_000,
+            working_set=True,
+            min_bucket=SMALL_BUCKET,
+            **phase_options,
+        )
+        return [_result(solution, lam)]
+
+    return run
+
+
+def strong_path() -> Callable:
+    """The strong-rule path of :func:`solve_path` (each λ on working sets seeded by the
+    sequential strong set at the previous solution) on :data:`STRONG_FRACS`, with buckets of
+    :data:`SMALL_BUCKET` gates: every λ checked."""
+
+    def run(spec, reg, lam, dtype, context):
+        del lam, context
+        problem = spec.problem(dtype)
+        solver = make_solver("fista", reg, problem)
+        U, previous, results = problem.zeros(), bank_lam(spec.name, reg, 1.0), []
+        for frac in sorted(STRONG_FRACS, reverse=True):
+            value = bank_lam(spec.name, reg, frac)
+            solution = solve_phased(
+                solver,
+                problem,
+                jnp.asarray(value, problem.dtype),
+                U,
+                SOLVE_TOL[dtype],
+                100_000,
+                screen_gates=False,
+                working_set=True,
+                strong_from=previous,
+                min_bucket=SMALL_BUCKET,
+            )
+            results.append(_result(solution, value))
+            U, previous = solution.weights.U, value
+        return results
 
     return run
 
@@ -216,7 +280,8 @@ SHARDED_CASES = {  # name -> (solve options, make_problem options); run with dev
 PATHS = (
     # The solvers on every bank problem and regularizer.
     SolvePath("fista", single("fista"), regs=CVXPY_REGS, kinds=("activations", *COMPOSED_KINDS)),
-    SolvePath("admm", single("admm"), regs=CVXPY_REGS, kinds=("activations", *COMPOSED_KINDS)),
+    # ADMM refuses composed data terms (its kernel is that of plain gated rows).
+    SolvePath("admm", single("admm"), regs=CVXPY_REGS),
     SolvePath("auto", single("auto"), kinds=("activations", *COMPOSED_KINDS)),
     # Gap-safe screening (phased solves).
     SolvePath("fista-screen", single("fista", screen=True), ("tall", "skip_bias"), SCREEN_REGS),
@@ -247,6 +312,47 @@ PATHS = (
     SolvePath("admm-batch", batched("admm"), ("tall",)),
     SolvePath("fista-path", path("fista"), ("skip_bias",), ("coupled", "nuclear")),
     SolvePath("admm-path", path("admm"), ("skip_bias",)),
+    # Working sets (the gap on all gates ends the solve): through solve (the bank's few gates
+    # fit one 64-gate bucket), and in buckets of 2 gates (the first set holds 2 gates, grown
+    # until it holds the support), with screening.
+    SolvePath(
+        "fista-working-set",
+        single("fista", working_set=True),
+        ("tall",),
+        kinds=("activations", *COMPOSED_KINDS),
+    ),
+    SolvePath(
+        "fista-working-set-narrow",
+        phased(screen_gates=True),
+        ("single_output",),
+        ("coupled", "one_vs_all"),
+        kinds=("activations", *COMPOSED_KINDS),
+    ),
+    # Strong-rule paths: the first working set of each λ is the sequential strong set.
+    SolvePath(
+        "fista-strong-path",
+        strong_path(),
+        ("single_output",),
+        kinds=("activations", *COMPOSED_KINDS),
+    ),
+    # Anderson extrapolation (safeguarded by the objective), with and without momentum.
+    SolvePath(
+        "fista-anderson",
+        single("fista", anderson=5),
+        ("skip_bias",),
+        ("coupled", "nuclear"),
+        kinds=("activations", *COMPOSED_KINDS),
+    ),
+    SolvePath("pgd-anderson", single("fista", anderson=3, momentum=False), ("tall",)),
+    # ADMM paths on one eigendecomposition of the kernel, with a fixed and an adaptive ρ; the
+    # certificate every third iteration.
+    SolvePath("admm-eigh-path", path("admm", linear_solver="eigh"), ("skip_bias",)),
+    SolvePath(
+        "admm-eigh-path-balance",
+        path("admm", linear_solver="eigh", adapt="balance", adapt_period=2),
+        ("tall",),
+    ),
+    SolvePath("admm-certify-every-3", single("admm", certify_every=3), ("skip_bias",)),
     # float32 and bf16 GEMMs (certified in float32).
     SolvePath("fista-f32", single("fista"), ("tall", "skip_bias"), dtype="float32"),
     SolvePath("admm-f32", single("admm"), ("skip_bias",), ("coupled", "nuclear"), "float32"),
@@ -305,6 +411,8 @@ def test_the_table_covers_every_path():
     for suffix in ("screen", "batch", "path", "streamed", "chunk7", "f32", "bf16"):
         assert {f"fista-{suffix}", f"admm-{suffix}"} <= names, suffix
     assert {"admm-eigh", "admm-cg", "admm-cg-matrix-free"} <= names
+    assert {"fista-working-set", "fista-working-set-narrow", "fista-strong-path"} <= names
+    assert {"fista-anderson", "admm-eigh-path", "admm-eigh-path-balance"} <= names
     assert {f"sharded-{name}" for name in SHARDED_CASES} <= names
     assert len(_cases()) >= 80
 

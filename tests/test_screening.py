@@ -124,21 +124,28 @@ def test_screening_shrinks_the_problem_and_keeps_the_optimum(reg):
     assert int(screened.stats.active_gates) == int(plain.stats.active_gates)
 
 
-def test_cli_reports_screened(tmp_path, capsys):
-    X, Y, G = planted(N=200, P=64)
+def solve_on_the_command_line(tmp_path, capsys, arrays, tol, *flags):
+    """``cvxdist solve`` at λ = 0.3 λ_max with ``flags``: its JSON record and the written U,
+    after checking that the reported objective is that of the written weights (recomputed in
+    numpy on the full problem)."""
+    X, Y, G = arrays
     path = tmp_path / "problem.npz"
     np.savez(path, X=X, Y=Y, G=G)
     out = tmp_path / "sol.npz"
-    args = ["solve", str(path), "--lam-frac", "0.3", "--tol", "1e-5", "--out", str(out)]
-    assert main([*args, "--screen"]) == 0
+    args = ["solve", str(path), "--lam-frac", "0.3", "--tol", str(tol), "--out", str(out)]
+    assert main([*args, *flags]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert record["converged"] and record["certificate"] <= 1e-5
-    assert 0 < record["screened"] < 64
+    assert record["converged"] and record["certificate"] <= tol
     U = np.load(out)["U"]
-    assert U.shape == (64, 8, 1)
-    assert record["active_gates"] == int(np.sum(np.linalg.norm(U, axis=(1, 2)) > 0))
-    # The reported objective is that of the written weights (on the full problem).
     pred = np.einsum("np,npc->nc", (X @ G >= 0), np.einsum("nd,pdc->npc", X, U))
     objective = 0.5 * np.sum((pred - Y) ** 2) / len(X)
     objective += record["lam"] * np.linalg.norm(U, axis=(1, 2)).sum()
     assert record["objective"] == pytest.approx(objective, rel=1e-4)
+    return record, U
+
+
+def test_cli_reports_screened(tmp_path, capsys):
+    record, U = solve_on_the_command_line(tmp_path, capsys, planted(N=200, P=64), 1e-5, "--screen")
+    assert 0 < record["screened"] < 64
+    assert U.shape == (64, 8, 1)
+    assert record["active_gates"] == int(np.sum(np.linalg.norm(U, axis=(1, 2)) > 0))

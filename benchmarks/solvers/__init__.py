@@ -34,9 +34,10 @@ the gate-first order (see :mod:`cvxdist.operators`) ``M @ W``, ``W (P, d·c)``, 
 Run: ``cvxdist bench solvers --out DIR`` (full) or ``--quick`` (one small problem, for CI).
 
 Modules: :mod:`.instances` (problems, data, the float64 gap), :mod:`.ours` (cvxdist's runs),
-:mod:`.pyscnn` (pyscnn's run), :mod:`.harness` (one problem, the run over the problems) and
-:mod:`.report`. This module is the benchmark interface of ``cvxdist bench``
-(:class:`cvxdist.commands.bench.Benchmark`).
+:mod:`.pyscnn` (pyscnn's run), :mod:`.variants` (cvxdist's other solvers: working sets,
+screening, Anderson, ADMM certifying every third iteration), :mod:`.harness` (one problem, the
+run over the problems) and :mod:`.report`. This module is the benchmark interface of
+``cvxdist bench`` (:class:`cvxdist.commands.bench.Benchmark`).
 """
 
 from __future__ import annotations

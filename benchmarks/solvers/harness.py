@@ -32,6 +32,7 @@ from benchmarks.solvers.ours import (
 )
 from benchmarks.solvers.pyscnn import run_pyscnn, scnn_available, scnn_threads
 from benchmarks.solvers.report import markdown_report, summarize
+from benchmarks.solvers.variants import run_variants, summarize_variants, variants_summary
 
 
 def run_problem(
@@ -45,7 +46,7 @@ def run_problem(
     log(f"[{spec.name}] N={spec.N} d={spec.d} c={spec.c} P={spec.P}  load {load_average()}")
     inst = make_instance(spec)
     evaluator = GapEvaluator(inst)
-    lam = LAM_FRAC * evaluator.lam_max
+    lam = spec.lam_frac * evaluator.lam_max
     problem, flips = float32_problem(inst)
     record: dict[str, Any] = {
         "name": spec.name,
@@ -56,7 +57,7 @@ def run_problem(
         "P_sampled": spec.P,
         "gates_dropped": inst.gates_dropped,
         "seed": spec.seed,
-        "lam_frac": LAM_FRAC,
+        "lam_frac": spec.lam_frac,
         "lam_max": evaluator.lam_max,
         "lam": lam,
         "float32_mask_flips_fixed": flips,
@@ -90,6 +91,7 @@ def run_problem(
     )
     record.update({"cvxdist": ours, "pyscnn": scnn, "profile": profile, "gemm": gemm})
     record.update(run_admm_and_auto(problem, lam, evaluator, repeats or spec.repeats, log, ours))
+    record["variants"] = run_variants(problem, lam, evaluator, repeats or spec.repeats, log)
     if scnn_time := scnn.get("time_s"):
         if record["admm"].get("time_steady_s"):
             record["admm_speedup_steady"] = scnn_time / record["admm"]["time_steady_s"]
@@ -107,6 +109,7 @@ def run_problem(
     record["iteration_over_gemm"] = gemm["iteration_over_gemm"]
     # Context: the solve's average iteration (backtracks included, different time window).
     record["solve_iteration_over_gemm"] = ours["time_per_iteration_s"] / gemm["gemm_s"]
+    record["solvers"] = summarize_variants(record)
     return record
 
 
@@ -175,7 +178,7 @@ def run_benchmark(
         "machine": machine,
         "threads": threads,
         "problems": problems,
-        "summary": summarize(problems),
+        "summary": {**summarize(problems), "variants": variants_summary(problems)},
         "load_average_at_end": load_average(),
     }
     write_json(out_dir / "solvers.json", payload)

@@ -39,6 +39,7 @@ class ProblemSpec:
     eval_every: int = 1  # pyscnn iterates between float64 gap evaluations
     gemm_repeats: int = 10
     profile_iters: int | None = None  # iterations of the step-by-step profile (None: to tol)
+    lam_frac: float = LAM_FRAC  # λ as a fraction of λ_max
 
 
 #: Measuring effort of the larger problems (pyscnn's gap checked every 10 iterations).
@@ -47,6 +48,7 @@ FULL_PROBLEMS = (
     ProblemSpec("n1000_d50_c1_p500", N=1000, d=50, c=1, P=500, seed=0, repeats=3, eval_every=1),
     ProblemSpec("n5000_d100_c10_p1000", N=5000, d=100, c=10, P=1000, seed=1, **_LARGE),
     ProblemSpec("n20000_d200_c1_p2000", N=20000, d=200, c=1, P=2000, seed=2, **_LARGE),
+    ProblemSpec("n3000_d60_c5_p400", N=3000, d=60, c=5, P=400, seed=3, repeats=2, lam_frac=0.05),
 )
 QUICK_PROBLEMS = (ProblemSpec("quick_n500_d20_c2_p100", N=500, d=20, c=2, P=100, seed=0),)
 

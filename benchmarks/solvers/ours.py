@@ -1,4 +1,5 @@
-"""cvxdist's side: R-FISTA (and ADMM, and what ``auto`` picks) timed to the target gap, one
+"""cvxdist's side: R-FISTA (and ADMM, and what ``auto`` picks, with the cost model's
+prediction) timed to the target gap, one
 R-FISTA iteration profiled step by step, and one iteration against the two GEMMs it needs."""
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ def run_cvxdist(
     evaluator: GapEvaluator,
     repeats: int,
     log: Callable[[str], None],
-    solver: str = "fista",
+    solver: Any = "fista",
+    name: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Solve to the target gap: first call (with compilation), then ``repeats`` steady calls."""
+    """Solve to the target gap: first call (with compilation), then ``repeats`` steady calls
+    (``solver`` a name or a solver instance, ``name`` its label, ``options`` more arguments of
+    ``solve``, such as ``working_set``)."""
     import jax
 
     from cvxdist.solvers import solve
 
+    name = name or solver
+
     def call(tol: float) -> tuple[Any, float]:
         start = time.perf_counter()
-        solution = solve(problem, lam, reg=REG, solver=solver, tol=tol, max_iters=MAX_ITERS)
+        solution = solve(
+            problem, lam, reg=REG, solver=solver, tol=tol, max_iters=MAX_ITERS, **options
+        )
         jax.block_until_ready(solution)
         return solution, time.perf_counter() - start
 
@@ -57,7 +66,7 @@ def run_cvxdist(
             }
         )
         log(
-            f"  cvxdist {solver} tol={tol:g}: {wall:.3f}s (first call), "
+            f"  cvxdist {name} tol={tol:g}: {wall:.3f}s (first call), "
             f"{tries[-1]['iterations']} iters, "
             f"gap f64 {check['rel_gap']:.3g}"
         )
@@ -71,9 +80,9 @@ def run_cvxdist(
         cores.append(float(again.stats.time_s))
     steady = statistics.median(walls)
     iterations = int(solution.stats.iterations)
-    log(f"  cvxdist {solver} steady: {steady:.3f}s median of {walls}")
+    log(f"  cvxdist {name} steady: {steady:.3f}s median of {walls}")
     return {
-        "solver": solver,
+        "solver": name,
         "reached_target": check["rel_gap"] <= TARGET_GAP,
         "tol": tol,
         "iterations": iterations,
@@ -82,6 +91,9 @@ def run_cvxdist(
         "converged": bool(solution.converged),
         "message": solution.message,
         "active_gates": int(solution.stats.active_gates),
+        "iteration_equivalents": float(solution.stats.iteration_equivalents),
+        "working_set": int(solution.stats.working_set),
+        "screened": int(solution.stats.screened),
         "time_with_compile_s": cold_total,
         "time_steady_s": steady,
         "time_steady_all_s": walls,
@@ -105,8 +117,8 @@ def run_admm_and_auto(
     ``auto`` would choose it; beyond, its matrix-free CG form is slower than R-FISTA by the
     cost model of :func:`cvxdist.solvers.choose_solver` and is recorded as not run.
     """
-    from cvxdist.solvers import choose_solver
-    from cvxdist.solvers.admm import DENSE_MAX_ROWS
+    from cvxdist.solvers import choose_solver, costs
+    from cvxdist.solvers.kernel import DENSE_MAX_ROWS
 
     rows = problem.X.shape[0] * problem.X.shape[1]
     choice = choose_solver(problem)
@@ -122,7 +134,11 @@ def run_admm_and_auto(
     times = [r["time_steady_s"] for r in (fista, admm) if r.get("reached_target")]
     return {
         "admm": admm,
-        "auto": {"chooses": choice, "time_steady_s": chosen["time_steady_s"]},
+        "auto": {
+            "chooses": choice,
+            "time_steady_s": chosen["time_steady_s"],
+            "cost_model": costs.explain(problem),
+        },
         "admm_over_fista_steady": (
             fista["time_steady_s"] / admm["time_steady_s"] if "time_steady_s" in admm else None
         ),

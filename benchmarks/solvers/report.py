@@ -7,6 +7,7 @@ from typing import Any
 
 from benchmarks.common import fmt, markdown_table
 from benchmarks.solvers.instances import SCNN_DEFAULT_TOL
+from benchmarks.solvers.variants import variants_table
 
 
 def summarize(problems: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -123,6 +124,7 @@ def markdown_report(payload: dict[str, Any]) -> str:
     not_run = sorted({p["admm"]["not_run"] for p in payload["problems"] if "not_run" in p["admm"]})
     summary = payload["summary"]
     threads = payload["threads"]
+    own_lam = any(p["lam_frac"] != s["lam_frac"] for p in payload["problems"])
     lines = [
         f"# R-FISTA (cvxdist) vs pyscnn R-FISTA, time to relative duality gap {s['target_gap']:g}",
         "",
@@ -136,7 +138,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"{m['load_average_at_start']} at start, {payload['load_average_at_end']} at end "
         "(other processes share these cores; treat ratios as indicative).",
         "",
-        f"Problem: `{s['reg']}` (pyscnn NeuronGL1, λ_scnn = λ/c), λ = {s['lam_frac']} λ_max, "
+        f"Problem: `{s['reg']}` (pyscnn NeuronGL1, λ_scnn = λ/c), λ = {s['lam_frac']} λ_max"
+        f"{' (unless the problem says otherwise)' if own_lam else ''}, "
         "float32 solves, gaps computed by the benchmark in float64 from the returned weights. "
         f"Data: {s['data']}",
         "",
@@ -172,4 +175,6 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"(min {fmt(summary['min_best_speedup_steady'])}×).",
         "",
     ]
+    if variants := variants_table(payload):
+        lines.append(variants)
     return "\n".join(lines)

@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="remove gates proven zero by gap-safe screening during the solve",
     )
+    parser.add_argument(
+        "--working-set",
+        action="store_true",
+        help="solve in phases on working sets of gates ranked by their KKT violation, grown "
+        "until the duality gap on all gates reaches --tol",
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument(
         "--no-polish",
@@ -224,6 +230,7 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
             tol=args.tol,
             max_iters=args.max_iters,
             screen=args.screen,
+            working_set=args.working_set,
             polish=args.polish,
         )
     except ValueError as err:
@@ -246,6 +253,8 @@ def _solve_and_write(args: argparse.Namespace, arrays: dict) -> int:
         "subgrad_norm_sq": float(stats.subgrad_norm_sq),
         "active_gates": int(stats.active_gates),
         "screened": int(stats.screened),
+        "working_set": int(stats.working_set),
+        "iteration_equivalents": float(stats.iteration_equivalents),
         "message": solution.message,
         "reg": args.reg,
         "solver": solver,

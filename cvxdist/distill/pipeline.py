@@ -73,35 +73,44 @@ def solve_block(
     from cvxdist.gates import sample_gates
     from cvxdist.problems import lam_max
     from cvxdist.prox import get_regularizer
-    from cvxdist.solvers import choose_solver, solve
+    from cvxdist.solvers import choose_solver, path_solver, solve
 
     gates = sample_gates(
         jax.random.key(config.seed), block.rows, config.gates, kind=config.gate_kind, noise=0.05
     )
     problem = convex_problem(block.terms, gates, skip=block.skip)
-    solver = choose_solver(problem) if config.solver == "auto" else config.solver
+    auto = config.solver == "auto"
+    solver = choose_solver(problem, path_length=len(lam_fracs)) if auto else config.solver
     reg = get_regularizer(config.reg)
     lmax = float(lam_max(problem, reg))
     start = time.perf_counter()
+    # As solve_path: ADMM's kernel factored once for the path, R-FISTA's λ after the first
+    # solved on working sets seeded by the sequential strong rule.
+    solver_obj, _ = path_solver(problem, solver, reg, len(lam_fracs))
+    strong = solver == "fista"
     solutions: list[Any] = []
+    previous = lmax
     from tqdm.auto import tqdm
 
     for frac in tqdm(sorted(lam_fracs, reverse=True), "λ path", disable=not progress, leave=False):
+        lam = float(frac) * lmax
         saved = None if cache_dir is None else Path(cache_dir) / f"lam-{float(frac)!r}.npz"
         solution = _load_solution(saved)
         if solution is None:
             init = solutions[-1].weights.U if solutions else None
             solution = solve(
                 problem,
-                float(frac) * lmax,
+                lam,
                 reg=reg,
-                solver=solver,
+                solver=solver_obj,
                 tol=config.tol,
                 max_iters=config.max_iters,
                 init=init,
+                strong_from=previous if strong else None,
             )
             _save_solution(saved, solution)
         solutions.append(solution)
+        previous = lam
     info = {
         "fitted_to": block.objective,
         "terms": [
@@ -155,7 +164,13 @@ def _load_solution(path: Path | None) -> Any:
         return None  # recomputed
     weights = Weights(arrays["U"], arrays.get("V"), arrays.get("b"))
     result = jax.tree.unflatten(jax.tree.structure(RESULTS.successful), [arrays["result"]])
-    stats = SolveStats(**{name: arrays[f"stats.{name}"] for name in SolveStats._fields})
+    fields = {
+        name: arrays[f"stats.{name}"] for name in SolveStats._fields if f"stats.{name}" in arrays
+    }
+    try:  # statistics added since the file was written keep their defaults
+        stats = SolveStats(**fields)
+    except TypeError:
+        return None  # recomputed
     return Solution(weights, result, stats)
 
 

@@ -5,12 +5,14 @@
 - ``auto``: picks one by problem shape (:func:`choose_solver`).
 """
 
+from cvxdist.solvers import costs
 from cvxdist.solvers.admm import Admm
 from cvxdist.solvers.api import (
     SOLVERS,
     choose_solver,
     lam_grid,
     make_solver,
+    path_solver,
     register_solver,
     resolve_lam,
     solve,
@@ -41,9 +43,11 @@ __all__ = [
     "SolveStats",
     "Weights",
     "choose_solver",
+    "costs",
     "iterate",
     "lam_grid",
     "make_solver",
+    "path_solver",
     "register_solver",
     "resolve_lam",
     "solve",

@@ -17,9 +17,9 @@ column alike, so one kernel serves all ``c`` columns. The U-step is then
     s  = (NρI + P⊥KP⊥)⁻¹ B V,     U⁺ = (V - Bᵀ s)/ρ,     B U⁺ = N s  (exactly, if s is exact).
 
 Per iteration: two adjoint GEMMs (``Bᵀ s`` for the U-step, ``Aᵀ r(W⁺)`` for the
-certificate), one forward GEMM (``A W⁺``), the kernel solve and the prox; R-FISTA needs two
-GEMMs plus one per backtrack. ``B V`` needs no GEMM: ``B Z`` is carried and updated
-linearly. The kernel solve is, by ``linear_solver``:
+certificate, every ``certify_every`` iterations), one forward GEMM (``A W⁺``), the kernel
+solve and the prox; R-FISTA needs two GEMMs plus one per backtrack. ``B V`` needs no GEMM:
+``B Z`` is carried and updated linearly. The kernel solve is, by ``linear_solver``:
 
 - ``"cholesky"``: dense ``K``, Cholesky factor of ``NρI + P⊥KP⊥`` (O(N³), once; refactored
   through ``lax.cond`` when an adaptive ρ changes, so at most ``max_rho_updates`` times).
@@ -41,7 +41,17 @@ stopping rule is :func:`cvxdist.duality.evaluate` at ``W`` with ``W``'s own resi
 gradient: the gap :func:`cvxdist.duality.certify` recomputes. (The U-step provides a
 residual/gradient pair for free, ``r = Ỹ - N s`` and ``∇f(U⁺) = -Bᵀr/N``, whose dual point
 is valid and often better; it is not used because then the reported gap would not be the
-gap anyone recomputes at ``W``, and that costs the third GEMM.)
+gap anyone recomputes at ``W``, and that costs the third GEMM.) With ``certify_every = k``
+that third GEMM runs every ``k``-th iteration only (``lax.cond``); the solve then stops at
+most ``k - 1`` iterations late, and returns the last certified ``W``, so the reported gap is
+still the one recomputed at the returned weights.
+
+The kernel, its factorizations and CG live in :mod:`cvxdist.solvers.kernel`.
+
+Paths. ``eigh`` and ``cg`` factorizations do not depend on ρ or λ: :meth:`Admm.factorized`
+returns the solver with its :class:`KernelFactor` computed once, and every solve of a λ path
+(:func:`cvxdist.solvers.solve_path`) reuses it; residual-balancing ρ then costs no
+refactorization either.
 
 Penalty ρ. Initial ρ from λ and the data scales (``rho=None``; see :class:`Admm`), then
 ``adapt``:
@@ -61,6 +71,7 @@ except ``rho``, which is stored as an array (a new initial ρ does not recompile
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -68,34 +79,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import cho_solve
 
 from cvxdist import operators
 from cvxdist.duality import Evaluation, evaluate
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer
 from cvxdist.solvers.common import IterativeSolver, Weights
+from cvxdist.solvers.kernel import (
+    DENSE_MAX_ROWS,
+    KernelFactor,
+    apply_kernel,
+    apply_kernel_blocks,
+    check_kernel_problem,
+    dense_kernel,
+    flatten,
+    nystrom,
+    nystrom_precondition,
+    pcg,
+    project,
+    shifted_cholesky,
+    unflatten,
+)
 
-#: Largest number of (padded) rows for which the N × N kernel is formed by default.
-DENSE_MAX_ROWS = 8000
 LINEAR_SOLVERS = ("auto", "cholesky", "eigh", "cg")
 ADAPTATIONS = ("none", "balance", "spectral")
 
 
 def _optional_array(value: Any) -> Any:
     return None if value is None else np.asarray(value, np.float64)
-
-
-class KernelFactor(NamedTuple):
-    """What the kernel solve needs; unused members are ``None`` (fixed by static options)."""
-
-    kernel: Array | None  # P⊥KP⊥, (Nₚ, Nₚ), when dense
-    chol: Array | None  # lower Cholesky factor of N ρ_f I + P⊥KP⊥
-    rho_factor: Array  # the ρ of ``chol``
-    eigvals: Array | None  # eigendecomposition of P⊥KP⊥
-    eigvecs: Array | None
-    nys_vecs: Array | None  # Nyström approximation of P⊥KP⊥: vecs diag(vals) vecsᵀ
-    nys_vals: Array | None
 
 
 class AdmmState(NamedTuple):
@@ -105,7 +117,8 @@ class AdmmState(NamedTuple):
     BW: Array  # P⊥A(W), (K, n, c)
     BZ: Array  # P⊥A(Z), carried linearly
     s: Array  # last kernel-system solution (Nₚ, c), the CG warm start
-    beta: Array | None  # skip/bias least-squares coefficients at W
+    W_certified: Array  # the W that ``evaluation`` certifies (W, or an older one)
+    beta: Array | None  # skip/bias least-squares coefficients at W_certified
     rho: Array
     factor: KernelFactor
     corr: Array  # Bᵀ Ỹ / N, (P, d, c)
@@ -121,139 +134,6 @@ class AdmmState(NamedTuple):
     cg_iterations: Array  # total CG steps
     refactors: Array  # Cholesky factorizations after init
     rho_updates: Array
-
-
-def _flat(R: Array) -> Array:
-    return R.reshape(-1, R.shape[-1])
-
-
-def _chunked(problem: GatedReluProblem, R: Array) -> Array:
-    return R.reshape(problem.num_chunks, problem.chunk_rows, R.shape[-1])
-
-
-def _project(problem: GatedReluProblem, R: Array) -> Array:
-    return operators.project_out_unregularized(problem, R)[0]
-
-
-def dense_kernel(problem: GatedReluProblem) -> Array:
-    """:math:`P_\\perp K P_\\perp` with :math:`K = (XX^T) \\odot (MM^T)`, ``(Nₚ, Nₚ)``.
-
-    ``Nₚ = K · n`` counts the padding rows, whose rows and columns are zero.
-    """
-    X_flat = operators.to_device(problem, problem.X).reshape(-1, problem.num_features)
-    masks = operators.map_chunks(
-        problem, lambda X_k, M_k: operators.chunk_masks(problem, X_k, M_k).astype(X_k.dtype)
-    )
-    M = masks.reshape(X_flat.shape[0], -1)
-    highest = lax.Precision.HIGHEST
-    kernel = jnp.matmul(X_flat, X_flat.T, precision=highest) * jnp.matmul(M, M.T, precision=highest)
-    if problem.skip or problem.bias:
-        kernel = _flat(_project(problem, _chunked(problem, kernel)))
-        kernel = _flat(_project(problem, _chunked(problem, kernel.T)))
-    return 0.5 * (kernel + kernel.T)
-
-
-def apply_kernel(problem: GatedReluProblem, V: Array) -> Array:
-    """Matrix-free :math:`P_\\perp K P_\\perp V` for ``V (K, n, m)``: one adjoint and one
-    forward GEMM with ``m`` columns."""
-    V = _project(problem, V)
-    return _project(problem, operators.forward(problem, operators.adjoint(problem, V)))
-
-
-def _apply_kernel_blocks(problem: GatedReluProblem, V: Array, width: int) -> Array:
-    """``apply_kernel`` on the ``m`` columns of ``V (Nₚ, m)``, ``width`` columns at a time
-    (``m`` a multiple of ``width``), so the chunk intermediate stays ``(n, P, width)``."""
-    m = V.shape[1]
-    blocks = V.reshape(V.shape[0], m // width, width).transpose(1, 0, 2)
-
-    def one(block: Array) -> Array:
-        return _flat(apply_kernel(problem, _chunked(problem, block)))
-
-    out = lax.map(one, blocks)
-    return out.transpose(1, 0, 2).reshape(V.shape[0], m)
-
-
-def nystrom(
-    matmat: Any,
-    num_rows: int,
-    rank: int,
-    dtype: Any,
-    key: Array,
-    row_mask: Array | None = None,
-) -> tuple[Array, Array]:
-    """Randomized Nyström approximation ``vecs diag(vals) vecsᵀ`` of a PSD operator.
-
-    Frangella, Tropp & Udell, "Randomized Nyström preconditioning" (2023), Algorithm 2.1,
-    with the shift ν = √N ε ||Y||_F for stability. ``row_mask`` (1/0 per row) restricts the
-    test matrix to the real rows (the operators assume zero padding rows).
-    """
-    omega = jax.random.normal(key, (num_rows, rank), dtype)
-    if row_mask is not None:
-        omega = omega * row_mask[:, None]
-    omega, _ = jnp.linalg.qr(omega)
-    sketch = matmat(omega)
-    nu = jnp.sqrt(num_rows) * jnp.finfo(dtype).eps * jnp.linalg.norm(sketch)
-    sketch = sketch + nu * omega
-    core = omega.T @ sketch
-    core = 0.5 * (core + core.T)
-    # A tiny relative jitter keeps the Cholesky alive when the sketch is rank-deficient.
-    jitter = jnp.finfo(dtype).eps * jnp.trace(core) * jnp.eye(rank, dtype=dtype)
-    chol = jnp.linalg.cholesky(core + jitter)
-    factor = solve_triangular(chol, sketch.T, lower=True).T
-    vecs, sigma, _ = jnp.linalg.svd(factor, full_matrices=False)
-    vals = jnp.maximum(sigma * sigma - nu, 0.0)
-    return vecs, vals
-
-
-def _nystrom_precondition(vecs: Array, vals: Array, mu: Array, R: Array) -> Array:
-    """Inverse Nyström preconditioner of ``μI + K``: ``(λ_ℓ + μ) V (Λ + μ)⁻¹ Vᵀ + I - VVᵀ``."""
-    coeffs = vecs.T @ R
-    scale = (vals[-1] + mu) / (vals + mu) - 1.0
-    return R + vecs @ (scale[:, None] * coeffs)
-
-
-def _pcg(
-    matvec: Any,
-    precondition: Any,
-    b: Array,
-    x0: Array,
-    tol: Array,
-    max_iters: int,
-) -> tuple[Array, Array, Array]:
-    """Preconditioned CG on every column of ``b (Nₚ, c)`` at once (per-column step sizes).
-
-    Stops when every column has reduced its warm-start residual ``r₀ = b - A x₀`` by
-    ``tol`` (or reached rounding level, ``10 ε ||b||``), or after ``max_iters`` steps.
-    Relative to ``r₀`` and not to ``b``: near convergence ``b`` barely changes between ADMM
-    iterations, and a ``||b||``-relative test would skip the solve and stall ADMM.
-    Returns the solution, its (recursive) residual ``b - A x`` and the number of steps.
-    """
-    r = b - matvec(x0)
-    floor = 10.0 * jnp.finfo(b.dtype).eps * jnp.linalg.norm(b, axis=0)
-    target = jnp.maximum(tol * jnp.linalg.norm(r, axis=0), floor)
-    z = precondition(r)
-    p = z
-    rz = jnp.sum(r * z, axis=0)
-    tiny = jnp.finfo(b.dtype).tiny
-
-    def unfinished(carry: tuple) -> Array:
-        _, r, _, _, k = carry
-        return (k < max_iters) & jnp.any(jnp.linalg.norm(r, axis=0) > target)
-
-    def body(carry: tuple) -> tuple:
-        x, r, p, rz, k = carry
-        Ap = matvec(p)
-        curvature = jnp.sum(p * Ap, axis=0)
-        alpha = jnp.where(curvature > tiny, rz / jnp.where(curvature > tiny, curvature, 1.0), 0.0)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        z = precondition(r)
-        rz_new = jnp.sum(r * z, axis=0)
-        beta = jnp.where(rz > tiny, rz_new / jnp.where(rz > tiny, rz, 1.0), 0.0)
-        return x, r, z + beta * p, rz_new, k + 1
-
-    x, r, _, _, k = lax.while_loop(unfinished, body, (x0, r, p, rz, jnp.zeros((), jnp.int32)))
-    return x, r, k
 
 
 class Admm(IterativeSolver):
@@ -280,6 +160,12 @@ class Admm(IterativeSolver):
             (default 1e-8 in float64, 1e-4 in float32).
         cg_max_iters: CG steps per ADMM iteration, at most.
         seed: seed of the Nyström sketch.
+        certify_every: compute the certificate (one adjoint GEMM of the three an iteration
+            needs) every this many iterations (module docstring). 1 by default: ADMM's gap
+            can oscillate near ``tol`` (float32, a poor ρ), and sampling it every third
+            iteration was seen to miss every crossing.
+        factor: a precomputed ρ-independent factorization (``eigh`` or ``cg``) of this
+            problem's kernel, from :meth:`factorized` (arrays: a new one does not recompile).
     """
 
     reg: Regularizer
@@ -295,6 +181,8 @@ class Admm(IterativeSolver):
     cg_tol: float | None = None
     cg_max_iters: int = 100
     seed: int = 0
+    certify_every: int = 1
+    factor: KernelFactor | None = None
 
     def __check_init__(self) -> None:
         if self.linear_solver not in LINEAR_SOLVERS:
@@ -308,6 +196,24 @@ class Admm(IterativeSolver):
             raise ValueError(f"relaxation must be in (0, 2), got {self.relaxation}")
         if self.rho is not None and not (np.all(np.isfinite(self.rho)) and np.all(self.rho > 0)):
             raise ValueError(f"rho must be positive and finite, got {self.rho}")
+        if self.certify_every < 1:
+            raise ValueError(f"certify_every must be at least 1, got {self.certify_every}")
+
+    def factorized(self, problem: GatedReluProblem) -> Admm:
+        """This solver with the kernel factorization of ``problem`` computed once, for every
+        λ and ρ of a path. Only ``eigh`` and ``cg`` factorizations are ρ-independent; with
+        ``cholesky`` the solver is returned unchanged (each solve factors its own ρ)."""
+        check_kernel_problem(problem)
+        method, _ = self.resolved_linear_solver(problem)
+        if method == "cholesky" or self.factor is not None:
+            return self
+        rho = jnp.ones((), problem.dtype)
+        factor = eqx.filter_jit(self._factor)(problem, rho)
+        return eqx.tree_at(lambda s: s.factor, self, factor, is_leaf=lambda x: x is None)
+
+    def unprepared(self) -> Admm:
+        """The solver without its precomputed factor (that factor belongs to one problem)."""
+        return self if self.factor is None else dataclasses.replace(self, factor=None)
 
     # ----------------------------------------------------------------- kernel solve
     def resolved_linear_solver(self, problem: GatedReluProblem) -> tuple[str, bool]:
@@ -339,7 +245,9 @@ class Admm(IterativeSolver):
             vals, vecs = jnp.linalg.eigh(kernel)
             return none._replace(eigvals=jnp.maximum(vals, 0.0), eigvecs=vecs)
         if method == "cholesky":
-            return none._replace(kernel=kernel, chol=_cholesky(kernel, problem.num_rows * rho))
+            return none._replace(
+                kernel=kernel, chol=shifted_cholesky(kernel, problem.num_rows * rho)
+            )
         if dense:
             rank = min(self.nystrom_rank or 2 * problem.num_features + 16, rows)
             matmat = lambda V: kernel @ V  # noqa: E731
@@ -347,7 +255,7 @@ class Admm(IterativeSolver):
             width = problem.num_outputs
             rank = self.nystrom_rank or max(32, width)
             rank = min(width * -(-rank // width), width * (rows // width) or rows)
-            matmat = lambda V: _apply_kernel_blocks(problem, V, width)  # noqa: E731
+            matmat = lambda V: apply_kernel_blocks(problem, V, width)  # noqa: E731
         row_mask = None if problem.valid is None else problem.valid.reshape(-1)
         key = jax.random.PRNGKey(self.seed)
         vecs, vals = nystrom(matmat, rows, rank, dtype, key, row_mask)
@@ -380,7 +288,7 @@ class Admm(IterativeSolver):
                 refactored = rho != factor.rho_factor
                 chol = lax.cond(
                     refactored,
-                    lambda: _cholesky(factor.kernel, mu),
+                    lambda: shifted_cholesky(factor.kernel, mu),
                     lambda: factor.chol,
                 )
                 factor = factor._replace(chol=chol, rho_factor=rho)
@@ -395,13 +303,13 @@ class Admm(IterativeSolver):
         else:
 
             def matvec(V: Array) -> Array:
-                return mu * V + _flat(apply_kernel(problem, _chunked(problem, V)))
+                return mu * V + flatten(apply_kernel(problem, unflatten(problem, V)))
 
         def precondition(R: Array) -> Array:
-            return _nystrom_precondition(factor.nys_vecs, factor.nys_vals, mu, R)
+            return nystrom_precondition(factor.nys_vecs, factor.nys_vals, mu, R)
 
         tol = self._cg_tol(b.dtype)
-        s, res, steps = _pcg(matvec, precondition, b, x0, tol, self.cg_max_iters)
+        s, res, steps = pcg(matvec, precondition, b, x0, tol, self.cg_max_iters)
         return s, res, steps, factor, no
 
     # ----------------------------------------------------------------- interface
@@ -425,16 +333,17 @@ class Admm(IterativeSolver):
         dtype = U0.dtype
         Y_tilde = problem.project(problem.Y)[0]
         rho = self._initial_rho(problem, lam, Y_tilde)
+        reuse = self.factor is not None and self.resolved_linear_solver(problem)[0] != "cholesky"
         corr = operators.adjoint(problem, Y_tilde) / N
-        B_corr = _project(problem, operators.forward(problem, corr))
+        B_corr = project(problem, operators.forward(problem, corr))
         r_W, beta = operators.residual(problem, U0)
         grad = -operators.adjoint(problem, r_W) / N
         BW = Y_tilde - r_W
         # Dual-consistent start (at a fixed point ρZ = -∇f(W)): a warm start from a nearby
         # solution keeps its dual.
         Z = -grad / rho
-        BZ = _project(problem, operators.forward(problem, Z))
-        factor = self._factor(problem, rho)
+        BZ = project(problem, operators.forward(problem, Z))
+        factor = self.factor._replace(rho_factor=rho) if reuse else self._factor(problem, rho)
         rows = problem.num_chunks * problem.chunk_rows
         evaluation = evaluate(problem, self.reg, lam, U0, r_W, grad)
         zero = jnp.zeros((), jnp.int32)
@@ -445,6 +354,7 @@ class Admm(IterativeSolver):
             BW=BW,
             BZ=BZ,
             s=jnp.zeros((rows, problem.num_outputs), dtype),
+            W_certified=U0,
             beta=beta,
             rho=rho,
             factor=factor,
@@ -471,26 +381,38 @@ class Admm(IterativeSolver):
         V = state.corr + rho * (state.W - state.Z)
         BV = state.B_corr + rho * (state.BW - state.BZ)
         s, res, steps, factor, refactored = self._solve_kernel(
-            problem, state.factor, rho, _flat(BV), state.s
+            problem, state.factor, rho, flatten(BV), state.s
         )
-        s_proj = _project(problem, _chunked(problem, s))
+        s_proj = project(problem, unflatten(problem, s))
         adj_s = operators.adjoint(problem, s_proj)
         U = (V - adj_s) / rho
-        BU = N * s_proj + _chunked(problem, res) / rho
+        BU = N * s_proj + unflatten(problem, res) / rho
         grad_U = adj_s - state.corr  # ∇f(U) = -Bᵀ(Ỹ - N s)/N
         # Relaxed prox step and dual update.
         U_hat = alpha * U + (1.0 - alpha) * state.W
         BU_hat = alpha * BU + (1.0 - alpha) * state.BW
         W = self.reg.prox(U_hat + state.Z, lam, 1.0 / rho)
         Z = state.Z + U_hat - W
-        # The certificate at W: its own residual and gradient (what problems.certify computes).
         r_W, beta = operators.residual(problem, W)
-        grad_W = -operators.adjoint(problem, r_W) / N
         BW = state.Y_tilde - r_W
         BZ = state.BZ + BU_hat - BW
-        evaluation = evaluate(problem, self.reg, lam, W, r_W, grad_W)
-        subgrad_sq = self.reg.min_norm_subgradient_sq(W, grad_W, lam, 1.0 / rho)
         iteration = state.iteration + 1
+
+        def certified() -> tuple:
+            # The certificate at W: its own residual and gradient (what certify computes).
+            grad_W = -operators.adjoint(problem, r_W) / N
+            evaluation = evaluate(problem, self.reg, lam, W, r_W, grad_W)
+            subgrad_sq = self.reg.min_norm_subgradient_sq(W, grad_W, lam, 1.0 / rho)
+            return evaluation, subgrad_sq, W, beta
+
+        if self.certify_every == 1:
+            evaluation, subgrad_sq, W_certified, beta = certified()
+        else:
+            evaluation, subgrad_sq, W_certified, beta = lax.cond(
+                iteration % self.certify_every == 0,
+                certified,
+                lambda: (state.evaluation, state.subgrad_sq, state.W_certified, state.beta),
+            )
         # Penalty update; the scaled dual is rescaled so that ρZ is unchanged.
         new_rho, refs = self._update_rho(state, iteration, rho, U, grad_U, W, Z)
         scale = rho / new_rho
@@ -501,6 +423,7 @@ class Admm(IterativeSolver):
             BW=BW,
             BZ=BZ * scale,
             s=s,
+            W_certified=W_certified,
             beta=beta,
             rho=new_rho,
             factor=factor,
@@ -578,29 +501,19 @@ class Admm(IterativeSolver):
 
     def postprocess(self, problem: GatedReluProblem, lam: Array, state: AdmmState) -> Weights:
         V, b = problem.split_unregularized(state.beta)
-        return Weights(state.W, V, b)
+        return Weights(state.W_certified, V, b)
 
     def stats_extra(self, state: AdmmState) -> Array:
         return state.rho
 
 
-def check_kernel_problem(problem: object) -> None:
-    """ADMM's U-step goes through the N × N row kernel of plain gated rows.
-
-    Composed data terms (pooled rows, a head, per-group Jacobians, weighted sums of terms,
-    :mod:`cvxdist.composed`) mix output columns and rows, so their kernel is not
-    ``(XXᵀ) ⊙ (MMᵀ)`` acting on each column alike; they are solved by R-FISTA.
-    """
-    if not isinstance(problem, GatedReluProblem):
-        raise ValueError(
-            f"ADMM solves plain gated-row problems only, not a {type(problem).__name__} "
-            "(composed data terms mix rows and outputs); use solver='fista'"
-        )
-
-
-def _cholesky(kernel: Array, mu: Array) -> Array:
-    """Lower Cholesky factor of ``μI + kernel``."""
-    return jnp.linalg.cholesky(kernel + mu * jnp.eye(kernel.shape[0], dtype=kernel.dtype))
-
-
-__all__ = ["Admm", "AdmmState", "KernelFactor", "apply_kernel", "dense_kernel", "nystrom"]
+__all__ = [
+    "DENSE_MAX_ROWS",
+    "Admm",
+    "AdmmState",
+    "KernelFactor",
+    "apply_kernel",
+    "check_kernel_problem",
+    "dense_kernel",
+    "nystrom",
+]

@@ -6,7 +6,6 @@ and tol as traced arrays: sweeping λ never recompiles.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -18,17 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.duality import Problem, lam_max
+from cvxdist.duality import Problem, gate_alignment, lam_max
+from cvxdist.operators import rounding_guard
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
-from cvxdist.solvers.admm import DENSE_MAX_ROWS
+from cvxdist.solvers.admm import Admm
 from cvxdist.solvers.common import (
     IterativeSolver,
     Solution,
     count_trace,
     iterate,
+    single_threaded_blas,
     solve_compiled,
 )
+from cvxdist.solvers.costs import Rates, choose, choose_linear_solver
 from cvxdist.solvers.fista import Fista
 from cvxdist.solvers.phases import exact_gemms, solve_phased
 from cvxdist.solvers.polish import Run, solve_to_tol
@@ -60,26 +62,14 @@ def make_solver(
     return cls(reg=regularizer, **options)
 
 
-def choose_solver(problem: Problem | None) -> str:
-    """The solver ``auto`` uses for a problem (documented in the README).
-
-    ``admm`` when its N × N kernel is worth forming, else ``fista``. In units of one GEMM of
-    an iteration (``2 N d P c`` flops), ADMM pays once ``N/(d c) + N²/(6 d P c)`` to form and
-    factor the kernel and, per iteration, about ``5 N/(d P)`` for the triangular solves, for
-    roughly half of R-FISTA's iterations at three GEMMs each (measured on the CPU benchmark
-    problems). So: ``admm`` if the padded ``N ≤ 8000`` (the dense kernel), setup ≤ 50 and
-    per-iteration overhead ≤ 1; ``fista`` otherwise (matrix-free CG needs a Nyström sketch of
-    rank ≳ d, i.e. ≳ d GEMM pairs, and several GEMM pairs per iteration: never faster).
-    """
-    if problem is None or not hasattr(problem, "X"):  # composed data terms: no row kernel
-        return "fista"
-    rows = problem.X.shape[-3] * problem.X.shape[-2]
-    d, P, c = problem.X.shape[-1], problem.G.shape[-1], problem.Y.shape[-1]
-    setup = rows / (d * c) + rows**2 / (6.0 * d * P * c)
-    per_iteration = 5.0 * rows / (d * P)
-    if rows <= DENSE_MAX_ROWS and setup <= 50.0 and per_iteration <= 1.0:
-        return "admm"
-    return "fista"
+def choose_solver(
+    problem: Problem | None, *, path_length: int = 1, rates: Rates | None = None
+) -> str:
+    """The solver ``auto`` uses for a problem (or a path of ``path_length`` λ): the faster of
+    R-FISTA and ADMM by the measured cost model of :mod:`cvxdist.solvers.costs` (composed
+    data terms and more than ``DENSE_MAX_ROWS`` rows: R-FISTA). ``costs.explain`` gives the
+    predicted times behind the choice."""
+    return choose(problem, path_length=path_length, rates=rates)
 
 
 @eqx.filter_jit
@@ -124,6 +114,9 @@ def resolve_lam(
     if lam is None:
         lam = float(_check_lam(lam_frac, "lam_frac")) * lmax
     lam = float(_check_lam(lam))
+    adjusted = _unless_degenerate(problem, lam, lmax)
+    if adjusted != lam:
+        return adjusted, lmax
     if lam >= lmax:
         warnings.warn(
             f"lam = {lam:.4g} >= lam_max = {lmax:.4g}: every gate is pruned and the model is "
@@ -131,6 +124,25 @@ def resolve_lam(
             stacklevel=3,
         )
     return lam, lmax
+
+
+def _unless_degenerate(problem: Problem, lam: float, lmax: float) -> float:
+    """``lam``, or ``λ_max`` (so ``U = 0``, certified) with a warning when the gates' features
+    correlate with the projected targets only at rounding level (`gate_alignment`)."""
+    if lam >= lmax:
+        return lam
+    alignment = float(gate_alignment(problem))
+    guard = rounding_guard(problem.dtype)
+    if alignment < guard:
+        warnings.warn(
+            f"the gates correlate with what the skip/bias leave of the targets only at rounding "
+            f"level ({alignment:.2g} < {guard:.2g}): their features lie in the span of the "
+            "skip/bias, so U = 0 (solved at lam = lam_max); use fewer skip dimensions or other "
+            "gates",
+            stacklevel=4,
+        )
+        return lmax
+    return lam
 
 
 def _initial_weights(problem: Problem, init: Any) -> Array:
@@ -143,9 +155,10 @@ def _initial_weights(problem: Problem, init: Any) -> Array:
     return U0
 
 
-def _run(screen: bool) -> Run:
-    """One solve in the problem's dtype: phased (:mod:`cvxdist.solvers.phases`: screening, or
-    GEMMs that are not float32-exact) or one compiled loop; ``lam`` and ``tol`` become traced."""
+def _run(screen: bool, **phase_options: Any) -> Run:
+    """One solve in the problem's dtype: phased (:mod:`cvxdist.solvers.phases`: screening,
+    working sets (``phase_options``: ``working_set``, ``strong_from``), or GEMMs that are not
+    float32-exact) or one compiled loop; ``lam`` and ``tol`` become traced."""
 
     def run(
         solver: IterativeSolver,
@@ -156,9 +169,16 @@ def _run(screen: bool) -> Run:
         max_iters: int,
     ) -> Solution:
         lam = jnp.asarray(lam, problem.dtype)
-        if screen or not exact_gemms(problem):
+        if screen or phase_options.get("working_set") or not exact_gemms(problem):
             return solve_phased(
-                solver, problem, lam, U0, float(tol), int(max_iters), screen_gates=screen
+                solver,
+                problem,
+                lam,
+                U0,
+                float(tol),
+                int(max_iters),
+                screen_gates=screen,
+                **phase_options,
             )
         tol = jnp.asarray(tol, problem.dtype)
         return solve_compiled(solver, problem, lam, U0, tol, int(max_iters))
@@ -166,31 +186,23 @@ def _run(screen: bool) -> Run:
     return run
 
 
-def _single_threaded_blas() -> contextlib.AbstractContextManager:
-    """One BLAS thread while a solve runs on the CPU.
-
-    XLA's CPU LAPACK calls (ADMM's Cholesky/eigh, the nuclear prox's SVDs) go through
-    scipy's OpenBLAS, whose spinning worker threads compete with XLA's own pool: measured
-    2.7x slower ADMM solves on 2 cores with OpenBLAS's default threads. XLA's GEMMs do not
-    use OpenBLAS, so nothing is lost. A no-op without threadpoolctl or off the CPU.
-    """
-    if jax.default_backend() != "cpu":
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _timed(fn: Any, *args: Any) -> Solution:
     start = time.perf_counter()
-    with _single_threaded_blas():
+    with single_threaded_blas():
         solution = jax.block_until_ready(fn(*args))
     elapsed = time.perf_counter() - start
     like = solution.stats.time_s
     with jax.enable_x64(like.dtype == jnp.float64):  # a polished solution is float64
         return eqx.tree_at(lambda s: s.stats.time_s, solution, jnp.full_like(like, elapsed))
+
+
+def _add_time(solution: Solution, seconds: float) -> Solution:
+    """``solution`` with ``seconds`` added to its wall time (in its own dtype)."""
+    like = solution.stats.time_s
+    with jax.enable_x64(like.dtype == jnp.float64):
+        return eqx.tree_at(
+            lambda s: s.stats.time_s, solution, like + jnp.asarray(seconds, like.dtype)
+        )
 
 
 def solve(
@@ -204,6 +216,8 @@ def solve(
     max_iters: int = 10_000,
     init: Array | Solution | None = None,
     screen: bool = False,
+    working_set: bool = False,
+    strong_from: float | None = None,
     polish: bool = True,
     **solver_options: Any,
 ) -> Solution:
@@ -218,6 +232,10 @@ def solve(
         init: warm start: weights ``(P, d, c)`` or a previous Solution.
         screen: remove gates proven zero by gap-safe screening during the solve
             (:mod:`cvxdist.solvers.phases`); ``stats.screened`` counts them.
+        working_set: solve in phases on working sets of gates ranked by their KKT violation,
+            grown until the gap on all gates is ≤ ``tol`` (:mod:`cvxdist.solvers.phases`).
+        strong_from: the λ that ``init`` solves (the previous λ of a path): working sets whose
+            first one is the sequential strong set (as :func:`solve_path` with ``strong``).
         polish: when ``tol`` is below what float32 can certify (128 eps, 1.5e-5), solve in
             float32 to that floor, then continue in float64 (:mod:`cvxdist.solvers.polish`);
             ``False`` stops at the floor with ``RESULTS.precision_floor``.
@@ -235,7 +253,15 @@ def solve(
     solver_obj = make_solver(solver, reg, problem, **solver_options)
     U0 = _initial_weights(problem, init)
     return _timed(
-        solve_to_tol, _run(screen), solver_obj, problem, lam, U0, tol, int(max_iters), polish
+        solve_to_tol,
+        _run(screen, working_set=working_set or strong_from is not None, strong_from=strong_from),
+        solver_obj,
+        problem,
+        lam,
+        U0,
+        tol,
+        int(max_iters),
+        polish,
     )
 
 
@@ -322,6 +348,39 @@ def lam_grid(lmax: float, num: int = 10, min_frac: float = 1e-2) -> np.ndarray:
     return lmax * np.geomspace(1.0, min_frac, num)
 
 
+def path_solver(
+    problem: Problem,
+    solver: str | IterativeSolver,
+    reg: str | Regularizer,
+    path_length: int,
+    *,
+    screen: bool = False,
+    **solver_options: Any,
+) -> tuple[IterativeSolver, float]:
+    """The solver of a λ path of ``path_length`` values on ``problem``: ``auto`` chosen for
+    the whole path (:mod:`cvxdist.solvers.costs`) and, for ADMM, the kernel factored once for
+    every λ and ρ when that is predicted faster (``eigh``; not with ``screen``, whose
+    restricted problems have other kernels).
+
+    Returns:
+        The solver (pass it to :func:`solve` for each λ) and the seconds its factorization
+        took (0 without one).
+
+    Raises:
+        ValueError: ADMM on a problem it does not solve (composed data terms).
+    """
+    if isinstance(solver, str) and solver == "auto":
+        solver = choose_solver(problem, path_length=path_length)
+    solver_obj = make_solver(solver, reg, problem, **solver_options)
+    start = time.perf_counter()
+    if isinstance(solver_obj, Admm) and not screen:
+        if solver_obj.linear_solver == "auto":
+            linear = choose_linear_solver(problem, path_length)
+            solver_obj = eqx.tree_at(lambda s: s.linear_solver, solver_obj, linear)
+        solver_obj = jax.block_until_ready(solver_obj.factorized(problem))
+    return solver_obj, time.perf_counter() - start
+
+
 def solve_path(
     problem: Problem,
     lams: Sequence[float] | None = None,
@@ -333,6 +392,7 @@ def solve_path(
     max_iters: int = 10_000,
     progress: bool = True,
     screen: bool = False,
+    strong: bool = True,
     polish: bool = True,
     **solver_options: Any,
 ) -> list[Solution]:
@@ -341,6 +401,13 @@ def solve_path(
     Give ``lams`` (absolute) or ``lam_fracs`` (fractions of λ_max); they are sorted
     descending. Returns one Solution per λ, in that order. ``screen`` and ``polish`` apply
     to each solve (see :func:`solve`).
+
+    ``strong`` (R-FISTA): each λ is solved in working-set phases whose first set is glmnet's
+    sequential strong set (gates with ``‖∇f_i‖° ≥ 2λ − λ_prev`` at the previous solution, and
+    its support), verified by the duality gap on all gates (:mod:`cvxdist.solvers.phases`).
+    ADMM paths run at full width (its kernel depends on the gates) and factor the kernel once
+    for every λ and ρ (``eigh``) when the cost model of :mod:`cvxdist.solvers.costs` predicts
+    that faster than one Cholesky factorization per λ; its time counts in the first solve.
     """
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
@@ -350,19 +417,36 @@ def solve_path(
     if lams is None:
         values = values * lmax
     values = np.sort(values.ravel())[::-1]
-    solver_obj = make_solver(solver, regularizer, problem, **solver_options)
+    if _unless_degenerate(problem, float(values[-1]), lmax) >= lmax:
+        values = np.maximum(values, lmax)
+    solver_obj, setup_s = path_solver(
+        problem, solver, regularizer, len(values), screen=screen, **solver_options
+    )
+    strong = strong and not isinstance(solver_obj, Admm)
     dtype = problem.dtype
     U = problem.zeros()
     solutions = []
     from tqdm.auto import tqdm
 
-    run = _run(screen)
+    previous = lmax
     with tqdm(values, desc="λ path", disable=not progress, leave=False) as bar:
         for lam in bar:
+            options = {"working_set": True, "strong_from": previous} if strong else {}
             solution = _timed(
-                solve_to_tol, run, solver_obj, problem, lam, U, tol, int(max_iters), polish
+                solve_to_tol,
+                _run(screen, **options),
+                solver_obj,
+                problem,
+                lam,
+                U,
+                tol,
+                int(max_iters),
+                polish,
             )
+            if not solutions and setup_s > 0:
+                solution = _add_time(solution, setup_s)
             U = solution.weights.U.astype(dtype)  # a polished solution is float64
+            previous = float(lam)
             bar.set_postfix(lam=f"{lam:.3g}", iters=int(solution.stats.iterations))
             solutions.append(solution)
     return solutions

@@ -9,9 +9,11 @@ one ``lax.while_loop`` bounded by the static ``max_iters``; λ and ``tol`` are t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
@@ -63,6 +65,10 @@ class SolveStats(NamedTuple):
     active_gates: Array  # gates with a non-zero block
     time_s: Array  # wall time of the whole call (filled on the host; NaN inside jit)
     screened: Array | int = 0  # gates removed by gap-safe screening (cvxdist.solvers.phases)
+    working_set: Array | int = 0  # gates of the last working-set phase (0: no working sets)
+    # GEMM work in units of one full-width iteration (one forward and one adjoint over all P
+    # gates): what the phases' narrower solves and their tests cost altogether.
+    iteration_equivalents: Array | float = 0.0
 
 
 class Solution(eqx.Module):
@@ -120,6 +126,12 @@ class IterativeSolver(eqx.Module):
         """The solver's step parameter reported in the stats."""
         return jnp.full((), jnp.nan)
 
+    def unprepared(self) -> IterativeSolver:
+        """This solver without what it precomputed for one problem (ADMM's kernel factor), to
+        solve another: a restriction to fewer gates (screening, working sets) or a float64
+        copy (polishing)."""
+        return self
+
 
 def iterate(
     solver: IterativeSolver,
@@ -156,6 +168,8 @@ def iterate(
         active_gates=active,
         time_s=jnp.full((), jnp.nan, evaluation.primal.dtype),
         screened=jnp.zeros((), jnp.int32),
+        working_set=jnp.zeros((), jnp.int32),
+        iteration_equivalents=state.iteration.astype(evaluation.primal.dtype),
     )
     return Solution(weights, result, stats)
 
@@ -191,3 +205,20 @@ def solve_compiled(
 def split_unregularized(problem: Problem, beta: Array | None) -> tuple[Any, Any]:
     """Skip ``V (d, c)`` and bias ``b (c,)`` from the stacked least-squares coefficients."""
     return problem.split_unregularized(beta)
+
+
+def single_threaded_blas() -> contextlib.AbstractContextManager:
+    """One BLAS thread while a solve runs on the CPU.
+
+    XLA's CPU LAPACK calls (ADMM's Cholesky/eigh, the nuclear prox's SVDs) go through
+    scipy's OpenBLAS, whose spinning worker threads compete with XLA's own pool: measured
+    2.7x slower ADMM solves on 2 cores with OpenBLAS's default threads. XLA's GEMMs do not
+    use OpenBLAS, so nothing is lost. A no-op without threadpoolctl or off the CPU.
+    """
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")

@@ -98,7 +98,7 @@ def solve_to_tol(
 
     Returns:
         The Solution; float64 (weights, statistics, certificate) when it was polished, with
-        ``stats.iterations`` counting both stages.
+        ``stats.iterations`` and ``stats.iteration_equivalents`` counting both stages.
     """
     if not needs_float64(problem, tol):
         return run(solver, problem, lam, U0, tol, max_iters)
@@ -111,6 +111,15 @@ def solve_to_tol(
         return first
     with jax.enable_x64(True):
         lam64 = first.stats.lam.astype(jnp.float64)  # the same λ, not a re-rounded one
-        wide = run(upcast(solver), to_float64(problem), lam64, upcast(first.U), tol, budget)
-        iterations = first.stats.iterations + wide.stats.iterations
-        return eqx.tree_at(lambda s: s.stats.iterations, wide, iterations)
+        solver64 = upcast(solver.unprepared())  # a precomputed factor is float32's
+        wide = run(solver64, to_float64(problem), lam64, upcast(first.U), tol, budget)
+        stats = wide.stats
+        both = stats._replace(  # the work of both stages; the last working set of either
+            iterations=first.stats.iterations + stats.iterations,
+            iteration_equivalents=stats.iteration_equivalents
+            + jnp.asarray(first.stats.iteration_equivalents, jnp.float64),
+            working_set=jnp.where(
+                stats.working_set > 0, stats.working_set, first.stats.working_set
+            ),
+        )
+        return eqx.tree_at(lambda s: s.stats, wide, both)
