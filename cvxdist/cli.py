@@ -16,7 +16,7 @@ import sys
 from cvxdist.errors import UserError
 
 # Order is the order shown by --help.
-COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "teacher", "data", "bench")
+COMMAND_MODULES = ("solve", "demo", "distill", "evaluate", "export", "teacher", "data", "bench")
 
 #: Errors of the environment while writing the output (disk full, file too large, read-only
 #: file system, permissions): reported in one line like bad input, not as a traceback.

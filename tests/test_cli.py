@@ -14,10 +14,12 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
 import subprocess
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,42 @@ def _truncated_weights(run: Path) -> None:
     _truncate(run / "student.msgpack")
 
 
+def _without_weights(run: Path) -> None:
+    (run / "student.msgpack").unlink()  # as a run killed before its students were saved
+
+
+class _PickledCode:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def _torch_zip(workspace: Path, payload: object) -> None:
+    """A ``torch.save``-style zip archive whose ``data.pkl`` pickles ``payload``."""
+    with zipfile.ZipFile(workspace / "model.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))  # as torch.save
+
+
+def _pickled_code(workspace: Path) -> None:
+    _torch_zip(workspace, {"conv1.weight": _PickledCode()})
+
+
+def _empty_state_dict(workspace: Path) -> None:
+    _torch_zip(workspace, {})
+
+
+def _garbage_safetensors(workspace: Path) -> None:
+    (workspace / "model.safetensors").write_bytes(b"\xff" * 64)
+
+
+def _resnet18_pth(workspace: Path) -> None:
+    """A real (random-weight, width 1/8) torchvision ResNet-18 checkpoint."""
+    torch = pytest.importorskip("torch")
+    from test_import import random_resnet
+
+    net = random_resnet("resnet18", width=0.125, in_channels=1, stem="cifar")
+    torch.save(net.state_dict(), workspace / "model.pth")
+
+
 SOLVE = "solve {ws}/problem.npz --out {out}"
 DISTILL = "distill " + " ".join(TINY_RUN) + " --out {out}"
 TRAIN = "teacher train --model small_cnn --dataset digits --width 0.25 --out {out}"
@@ -166,6 +204,9 @@ AT_LEAST_1 = "must be at least 1"
 POSITIVE = "epochs, batch size and width must be positive"
 NOT_A_FOLDER = "exists and is not a directory"
 READ_ONLY = "is not a writable directory"
+EXPORT = "export {ws}/run --out {out}"
+IMPORT = "teacher import {ws}/model.pth --arch resnet18 --out {out}"
+PACK = "teacher pack digits-cnn --out {out}"
 
 CASES = (
     # ---- solve
@@ -405,9 +446,96 @@ CASES = (
     ),
     bad("bench-out-is-a-file", "bench distill --out {file}", NOT_A_FOLDER),
     bad("bench-read-only", "bench distill --out {ro}/bench", READ_ONLY),
-    # ---- export / teacher import: their cases go here once the commands exist (a corrupt
-    # or pickled .pth, an unknown architecture, a state_dict of the wrong shapes, an output
-    # that is a file, a read-only folder, a full disk).
+    # ---- export
+    bad(
+        "export-unknown-format", EXPORT + " --format tflite", "unknown format 'tflite'", _run_copy()
+    ),
+    bad("export-missing-run", "export {ws}/nope --out {out}", "does not exist"),
+    bad("export-not-a-run", "export {ws} --out {out}", "is not a student folder"),
+    bad(
+        "export-unfinished-run",
+        EXPORT,
+        "an unfinished or corrupt run",
+        _run_copy(_without_weights),
+    ),
+    bad("export-corrupt-json", EXPORT, "corrupt student files", _run_copy(_corrupt_json)),
+    bad(
+        "export-truncated-weights",
+        EXPORT,
+        "does not match student.json",
+        _run_copy(_truncated_weights),
+    ),
+    bad(
+        "export-other-teacher",
+        EXPORT + " --teacher fashion-resnet20",
+        "is not the one",
+        _run_copy(),
+    ),
+    bad(
+        "export-changed-checkpoint",
+        EXPORT,
+        "is not the one",
+        _run_copy(_edit_json("student.json", teacher_sha256="0" * 64)),
+    ),
+    bad(
+        "export-zero-check-images",
+        EXPORT + " --check-images 0",
+        "--check-images " + AT_LEAST_1,
+        _run_copy(),
+    ),
+    bad("export-nan-atol", EXPORT + " --atol nan", "--atol must be a finite number", _run_copy()),
+    bad(
+        "export-out-is-a-folder",
+        "export {ws}/run --out {ws}",
+        "is a directory",
+        _run_copy(),
+    ),
+    bad(
+        "export-out-under-a-file",
+        "export {ws}/run --out {file}/model.onnx",
+        "does not exist",
+        _run_copy(),
+    ),
+    bad("export-read-only", "export {ws}/run --out {ro}/model.onnx", "not writable", _run_copy()),
+    bad("export-disk-full", EXPORT, "cannot write", _run_copy(), file_size_limit=4096),
+    # ---- teacher import
+    bad("import-missing-file", IMPORT, "does not exist"),
+    bad("import-not-a-zip", IMPORT.replace("{ws}/model.pth", "{file}"), "not a zip-format"),
+    bad("import-pickled-code", IMPORT, "refusing to unpickle __builtin__.print", _pickled_code),
+    bad("import-no-state-dict", IMPORT, "missing key 'conv1.weight'", _empty_state_dict),
+    bad(
+        "import-unknown-arch",
+        IMPORT.replace("resnet18", "vgg11"),
+        "unknown arch 'vgg11'",
+        _empty_state_dict,
+    ),
+    bad(
+        "import-corrupt-safetensors",
+        IMPORT.replace("model.pth", "model.safetensors"),
+        "not a readable safetensors file",
+        _garbage_safetensors,
+    ),
+    bad(
+        "import-wrong-shapes",
+        IMPORT.replace("resnet18", "resnet34"),
+        "missing key 'layer1.2.conv1.weight'",
+        _resnet18_pth,
+    ),
+    bad("import-out-is-a-file", IMPORT.replace("{out}", "{file}"), NOT_A_FOLDER, _resnet18_pth),
+    bad("import-read-only", IMPORT.replace("{out}", "{ro}/teacher"), READ_ONLY, _resnet18_pth),
+    bad("import-disk-full", IMPORT, "cannot write", _resnet18_pth, file_size_limit=4096),
+    # ---- teacher pack
+    bad("pack-unknown-teacher", "teacher pack nosuch --out {out}", "no teacher 'nosuch'"),
+    bad(
+        "pack-corrupt-teacher",
+        "teacher pack {ws}/teacher --out {out}",
+        "corrupt or truncated",
+        _corrupt_teacher,
+    ),
+    bad("pack-unknown-storage", PACK + " --storage int8", "invalid choice: 'int8'"),
+    bad("pack-out-is-a-file", PACK.replace("{out}", "{file}"), NOT_A_FOLDER),
+    bad("pack-read-only", PACK.replace("{out}", "{ro}/teacher"), READ_ONLY),
+    bad("pack-disk-full", PACK, "cannot write", file_size_limit=4096),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import jax
@@ -344,6 +345,17 @@ def _check_demo(out, teacher_name, dataset, max_drop):
         assert row["time_s"] > 0
     # the two students are matched by parameter count (within one hidden unit)
     assert abs(convex["block_params"] - relu["block_params"]) <= 0.05 * convex["block_params"]
+    # ONNX: both networks exported and checked on the whole test split, size and latency
+    if "skipped" in result["onnx"]:  # a runtime install without the export extra
+        assert not all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime"))
+        return result
+    for name in ("teacher", "compressed"):
+        onnx = result["onnx"][name]
+        assert (out / onnx["file"]).stat().st_size == onnx["bytes"]
+        assert onnx["ok"] and onnx["max_abs_diff_continuous"] <= 1e-4
+        assert onnx["top1_mismatches"] <= onnx["rounding_sensitive_images"]  # gate boundaries
+        assert onnx["images_checked"] == len(test) and set(onnx["latency_ms"]) == {"1", "256"}
+    assert "| compressed | compressed.onnx |" in (out / "table.md").read_text()
     return result
 
 

@@ -111,18 +111,6 @@ def load_problem_arrays(path: Path) -> dict:
         raise UserError(f"{path}: not a readable .npz file ({err})") from None
 
 
-def _check_out(path: Path) -> None:
-    from cvxdist.errors import UserError
-
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"--out {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {path}: directory {parent} is not writable")
-    if path.is_dir():
-        raise UserError(f"--out {path} is a directory; give a file name like SOL.npz")
-
-
 def _write_atomic(path: Path, arrays: dict) -> None:
     import numpy as np
 
@@ -137,6 +125,7 @@ def _write_atomic(path: Path, arrays: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cvxdist.commands import check_output_file
     from cvxdist.errors import UserError
 
     for name in ("lam", "lam_frac", "tol"):
@@ -158,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.num_processes is not None or args.process_id is not None:
         raise UserError("--num-processes and --process-id need --coordinator")
     if jax.process_index() == 0:
-        _check_out(args.out)
+        check_output_file(args.out, "SOL.npz")
     arrays = load_problem_arrays(
         Path(str(args.problem).replace("{process}", str(jax.process_index())))
     )

@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out continues after the last finished epoch.",
     )
     train.add_argument(
-        "--model", required=True, help="resnet20|resnet32|resnet56|resnet18|small_cnn"
+        "--model",
+        required=True,
+        help="resnet20|resnet32|resnet56|small_cnn|resnet18|resnet34|resnet50 (CIFAR stem) or "
+        "resnet18_imagenet|resnet34_imagenet|resnet50_imagenet (7×7 stride-2 conv + max pool)",
     )
     train.add_argument("--dataset", required=True, help="digits|fashion_mnist|mnist|idx|tfds:NAME")
     train.add_argument("--epochs", type=int, required=True)
@@ -43,6 +46,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--limit", type=int, default=None, help="first N test images only")
     evaluate.add_argument("--batch-size", type=int, default=500)
     evaluate.set_defaults(func=run_eval)
+
+    pack = sub.add_parser(
+        "pack",
+        help="re-store a teacher (e.g. float16, to ship it) and re-measure its test accuracy",
+        description="Write a copy of a teacher with another checkpoint storage; its "
+        "teacher.json records the test accuracy of the stored (rounded) weights.",
+    )
+    pack.add_argument("teacher", metavar="NAME_OR_DIR")
+    pack.add_argument("--out", required=True, help="output teacher directory")
+    pack.add_argument("--storage", choices=("float32", "float16"), default="float16")
+    pack.add_argument("--name", default=None, help="teacher name (default: the source's)")
+    pack.add_argument("--data-dir", default=None)
+    pack.set_defaults(func=run_pack)
+
+    imp = sub.add_parser(
+        "import",
+        help="import a torchvision-layout ResNet from PyTorch (.pth or .safetensors)",
+        description="Turn a torchvision ResNet state_dict (.pth, read without running "
+        "pickled code, or .safetensors) into a teacher directory with teacher.json. Width, "
+        "input channels and classes are read off the checkpoint.",
+    )
+    imp.add_argument("checkpoint", help=".pth / .pt (torch.save zip) or .safetensors file")
+    imp.add_argument("--arch", required=True, help="resnet18|resnet34|resnet50")
+    imp.add_argument(
+        "--stem",
+        default=None,
+        help="imagenet (7×7 conv + max pool) or cifar (3×3 conv, no max pool); "
+        "default: from conv1's kernel size",
+    )
+    imp.add_argument("--out", required=True, help="output teacher directory")
+    imp.add_argument(
+        "--image-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("H", "W", "C"),
+        help="input images (default 32 32 C for the CIFAR stem, 224 224 C for ImageNet's)",
+    )
+    imp.add_argument("--mean", type=float, nargs="+", default=None, help="per channel, in [0, 1]")
+    imp.add_argument("--std", type=float, nargs="+", default=None, help="per channel")
+    imp.add_argument("--dataset", default="none", help="dataset it was trained on, if loadable")
+    imp.add_argument("--name", default=None, help="teacher name (default: --out's name)")
+    imp.set_defaults(func=run_import)
 
     listing = sub.add_parser("list", help="shipped teachers as JSON lines")
     listing.set_defaults(func=run_list)
@@ -112,6 +158,63 @@ def run_eval(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cvxdist.data import load_dataset
+    from cvxdist.distill.io import check_output_dir, staged_output
+    from cvxdist.teachers import load_teacher, save_teacher
+    from cvxdist.teachers.checkpoint import stored_values
+    from cvxdist.teachers.teacher import METADATA_NAME
+
+    out = Path(args.out)
+    check_output_dir(out)
+    teacher = load_teacher(args.teacher)
+    test = load_dataset(teacher.dataset, "test", args.data_dir)
+    stored = stored_values(teacher.variables, args.storage)
+    accuracy = dataclasses.replace(teacher, variables=stored, _cache={}).accuracy(
+        test.images, test.labels
+    )
+    rewritten = ("arch", "params", "cuts", "checkpoint", "checkpoint_sha256", "checkpoint_storage")
+    info = {k: v for k, v in teacher.info.items() if k not in rewritten}
+    info.update(
+        name=args.name or teacher.name,
+        test_accuracy=accuracy,
+        num_test=len(test),
+        source_test_accuracy=teacher.info.get("test_accuracy"),
+        source_checkpoint_sha256=teacher.checkpoint_sha256,
+    )
+    with staged_output(out) as tmp:
+        meta = save_teacher(tmp, teacher.config, stored, info, args.storage)
+    size = sum((out / name).stat().st_size for name in (meta["checkpoint"], METADATA_NAME))
+    keys = ("name", "test_accuracy", "source_test_accuracy", "checkpoint", "checkpoint_sha256")
+    print(json.dumps({**{k: meta[k] for k in keys}, "bytes": size}))
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from cvxdist.distill.io import check_output_dir, staged_output
+    from cvxdist.teachers.importers import import_torchvision_resnet
+
+    out = Path(args.out)
+    check_output_dir(out)
+    with staged_output(out) as tmp:
+        meta = import_torchvision_resnet(
+            args.checkpoint,
+            tmp,
+            args.arch,
+            stem=args.stem,
+            image_shape=args.image_shape,
+            mean=args.mean,
+            std=args.std,
+            dataset=args.dataset,
+            name=args.name or out.name,
+        )
+    keys = ("name", "model", "params", "image_shape", "num_classes", "checkpoint_sha256")
+    print(json.dumps({k: meta[k] for k in keys} | {"width": meta["arch"]["width"]}))
     return 0
 
 

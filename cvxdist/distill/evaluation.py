@@ -19,6 +19,26 @@ from cvxdist.distill.student import BlockStudent, chain, flops
 from cvxdist.teachers.teacher import Teacher, batched_apply
 
 
+def spliced_forward(
+    teacher: Teacher,
+    cut: str,
+    to: str | None,
+    students: Sequence[BlockStudent],
+    jit: bool = True,
+) -> Callable[[tuple, jnp.ndarray], jnp.ndarray]:
+    """``forward((teacher_variables, student_variables), images) -> logits``: the teacher
+    with ``cut..to`` replaced by ``students``, not itself jitted (to jit, trace or export);
+    ``jit`` is that of the teacher's prefix and suffix (`Teacher.cut_functions`)."""
+    fns = teacher.cut_functions(cut, to, jit=jit)
+    run_students = chain(students)
+
+    def forward(state: tuple, x: jnp.ndarray) -> jnp.ndarray:
+        variables, student_vars = state
+        return fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
+
+    return forward
+
+
 def spliced_predict(
     teacher: Teacher,
     cut: str,
@@ -27,14 +47,7 @@ def spliced_predict(
     batch_size: int = 500,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``images -> logits`` of the teacher with stages ``cut..to`` replaced by ``students``."""
-    fns = teacher.cut_functions(cut, to)
-    run_students = chain(students)
-
-    @jax.jit
-    def forward(state: tuple, x: jnp.ndarray) -> jnp.ndarray:
-        variables, student_vars = state
-        return fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
-
+    forward = jax.jit(spliced_forward(teacher, cut, to, students))
     state = (teacher.variables, [s.variables for s in students])
 
     def predict(images: np.ndarray) -> np.ndarray:
@@ -91,10 +104,7 @@ class SplicedEvaluator:
         if key not in self._compiled:
             fns = self.teacher.cut_functions(cut, last, jit=False)
             run_students = chain(students)
-
-            def logits(state: tuple, x: jnp.ndarray) -> jnp.ndarray:
-                variables, student_vars = state
-                return fns.suffix(variables, run_students(student_vars, fns.prefix(variables, x)))
+            logits = spliced_forward(self.teacher, cut, last, students, jit=False)
 
             def with_block(state: tuple, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
                 # per image: logits, squared error, and the sums of y and y² for the spread
@@ -174,11 +184,8 @@ def evaluate_spliced(
     student_flops = flops(lambda z: run_students(student_vars, z), z_probe)
     batch = images[:latency_batch]
     teacher_fn = jax.jit(teacher.apply)
-    spliced_fn = jax.jit(
-        lambda x: fns.suffix(
-            teacher.variables, run_students(student_vars, fns.prefix(teacher.variables, x))
-        )
-    )
+    forward = spliced_forward(teacher, cut, last, students)
+    spliced_fn = jax.jit(lambda x: forward((teacher.variables, student_vars), x))
     teacher_params, student_params = metrics["teacher_block_params"], metrics["block_params"]
     return {
         **metrics,

@@ -291,6 +291,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from cvxdist.distill.io import check_output_dir, save_students, staged_output, teacher_record
     from cvxdist.distill.pipeline import DistillConfig, prepare_block, solve_prepared
     from cvxdist.distill.student import BlockStudent, parameter_count
+    from cvxdist.export import demo_onnx_record
     from cvxdist.teachers import shipped_teachers
 
     check_output_dir(args.out)
@@ -386,6 +387,8 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     with staged_output(args.out) as tmp:
         save_students(tmp, [convex], {**teacher_record(name, teacher), "cut": cut, "to": cut})
+        _say(quiet, "exporting the teacher and the compressed network to ONNX")
+        result["onnx"] = demo_onnx_record(teacher, [convex], cut, None, test.images, tmp)
         (tmp / "result.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
         (tmp / "table.md").write_text(demo_table(result))
     print(demo_table(result))
@@ -415,4 +418,6 @@ def demo_table(result: dict[str, Any]) -> str:
             f"| {row['method']} | {row['accuracy']:.4f} | {row['agreement']:.4f} | "
             f"{row['block_params']} | {row['block_flops']:.3g} | {row['time_s']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    from cvxdist.export import onnx_table
+
+    return "\n".join(lines) + "\n" + onnx_table(result.get("onnx", {}))

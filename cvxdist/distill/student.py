@@ -78,6 +78,8 @@ class GatedStudent(nn.Module):
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
         d, c, K = self.features, self.outputs, len(self.neuron_gate)
         a = self._features(z)
+        locations = a.shape[:-1]
+        a = a.reshape(-1, d)  # 2-D products: GEMMs in an exported ONNX graph, not Einsums
         out = gated_forward(
             a,
             self.param("gates", _zeros((d, self.num_gates))),
@@ -90,6 +92,7 @@ class GatedStudent(nn.Module):
         if self.reduced_out is not None:
             expand = self.param("expand", _zeros((c, self.out_channels)))
             out = out @ expand + self.param("expand_bias", _zeros((self.out_channels,)))
+        out = out.reshape(*locations, -1)
         if self.identity:
             out = out + z
         return out

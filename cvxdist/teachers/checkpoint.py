@@ -3,11 +3,18 @@
 A checkpoint is a nested dict of arrays / numbers. Readers verify it against an expected
 SHA-256 (when known) and against a template tree, so a truncated, corrupted or mismatched
 file fails with one clear line instead of a deep msgpack traceback.
+
+Storage: ``float32`` is the plain msgpack of the tree. ``float16`` (for shipping large
+teachers) rounds every float leaf to float16, splits it into its two byte planes (a
+``(2, n)`` uint8 array: low bytes, then the sign/exponent bytes, which compress well) and
+xz-compresses the msgpack; the reader needs the template for the shapes and returns float32.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -53,21 +60,69 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def save_tree(path: str | os.PathLike, tree: Any) -> str:
-    """Serialize a pytree of arrays to msgpack at ``path``; returns the file's SHA-256."""
+STORAGES = ("float32", "float16")
+
+
+def _check_storage(storage: str) -> None:
+    if storage not in STORAGES:
+        raise CheckpointError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
+
+
+def stored_values(tree: Any, storage: str) -> Any:
+    """The values a tree reads back as after saving with ``storage`` (float16: rounded)."""
+    _check_storage(storage)
+    if storage == "float32":
+        return tree
+    return jax.tree.map(lambda a: np.asarray(a, np.float16).astype(np.float32), tree)
+
+
+def _to_planes(leaf: Any) -> Any:
+    """A float leaf as the ``(2, n)`` uint8 byte planes of its float16 values."""
+    leaf = np.asarray(leaf)
+    if not np.issubdtype(leaf.dtype, np.floating):
+        return leaf
+    return np.ascontiguousarray(leaf.astype("<f2").reshape(-1).view(np.uint8).reshape(-1, 2).T)
+
+
+def _from_planes(expected: Any, found: Any) -> Any:
+    """Undo `_to_planes` where the template has a leaf of that size (as float32); anything
+    else is returned as found, for the structure check to report."""
+    if isinstance(found, dict):
+        sub = expected if isinstance(expected, dict) else {}
+        return {k: _from_planes(sub.get(k), v) for k, v in found.items()}
+    size = math.prod(np.shape(expected)) if expected is not None else -1
+    if isinstance(found, np.ndarray) and found.dtype == np.uint8 and found.shape == (2, size):
+        values = np.ascontiguousarray(found.T).view("<f2").reshape(np.shape(expected))
+        return values.astype(np.float32)
+    return found
+
+
+def save_tree(path: str | os.PathLike, tree: Any, storage: str = "float32") -> str:
+    """Serialize a pytree of arrays to ``path`` (msgpack; see the module docstring for
+    ``storage``); returns the file's SHA-256."""
+    _check_storage(storage)
     state = serialization.to_state_dict(jax.device_get(tree))
-    write_atomic(path, serialization.msgpack_serialize(state))
+    if storage == "float16":
+        state = jax.tree.map(_to_planes, state)
+        data = lzma.compress(serialization.msgpack_serialize(state), preset=9)
+    else:
+        data = serialization.msgpack_serialize(state)
+    write_atomic(path, data)
     return file_sha256(path)
 
 
 def load_tree(
-    path: str | os.PathLike, template: Any = None, expected_sha256: str | None = None
+    path: str | os.PathLike,
+    template: Any = None,
+    expected_sha256: str | None = None,
+    storage: str = "float32",
 ) -> Any:
-    """Read a msgpack checkpoint; check its hash and, given a template, its tree and shapes.
+    """Read a checkpoint; check its hash and, given a template, its tree and shapes.
 
     Returns the restored tree (the template's structure when a template is given, else a
-    nested dict of numpy arrays).
+    nested dict of numpy arrays; ``float16`` storage needs the template and gives float32).
     """
+    _check_storage(storage)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -78,7 +133,7 @@ def load_tree(
             "not match the one recorded when it was written"
         )
     try:
-        state = serialization.msgpack_restore(raw)
+        state = serialization.msgpack_restore(lzma.decompress(raw) if storage == "float16" else raw)
     except Exception as err:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({len(raw)} bytes): {type(err).__name__}"
@@ -88,6 +143,8 @@ def load_tree(
     if template is None:
         return state
     expected = serialization.to_state_dict(template)
+    if storage == "float16":
+        state = _from_planes(expected, state)
     _check_structure(path, expected, state)
     return serialization.from_state_dict(template, state)
 

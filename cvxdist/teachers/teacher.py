@@ -2,7 +2,9 @@
 
 A teacher directory holds ``teacher.json`` (architecture, dataset, accuracy, cuts, training
 hyperparameters, checkpoint SHA-256) and ``teacher.msgpack`` (the Flax variables
-``{"params", "batch_stats"}``). Shipped teachers live in ``cvxdist/assets/teachers/<name>/``.
+``{"params", "batch_stats"}``), or ``teacher.f16.xz`` for ``float16`` storage (see
+`cvxdist.teachers.checkpoint`; loaded as float32). Shipped teachers live in
+``cvxdist/assets/teachers/<name>/``.
 
 Cut semantics: a *block* is the run of segments from cut ``A`` to cut ``B`` inclusive
 (``B = A`` by default); a cut is a stage (``stage3``), one residual block of a stage
@@ -49,6 +51,7 @@ from cvxdist.teachers.models import (
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "teachers"
 CHECKPOINT_NAME = "teacher.msgpack"
+CHECKPOINT_NAMES = {"float32": CHECKPOINT_NAME, "float16": "teacher.f16.xz"}
 METADATA_NAME = "teacher.json"
 
 ArrayFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
@@ -332,13 +335,19 @@ def _trim(tree: Any, valid: int) -> Any:
 
 
 def save_teacher(
-    directory: str | os.PathLike, config: ArchConfig, variables: Any, info: dict[str, Any]
+    directory: str | os.PathLike,
+    config: ArchConfig,
+    variables: Any,
+    info: dict[str, Any],
+    storage: str = "float32",
 ) -> dict[str, Any]:
-    """Write ``teacher.msgpack`` and ``teacher.json`` into ``directory``; returns the json."""
+    """Write the checkpoint (``teacher.msgpack``, or ``teacher.f16.xz`` for ``float16``
+    storage) and ``teacher.json`` into ``directory``; returns the json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    sha = save_tree(directory / CHECKPOINT_NAME, variables)
+    name = CHECKPOINT_NAMES.get(storage, CHECKPOINT_NAME)
+    sha = save_tree(directory / name, variables, storage)
     model = build_model(config)
     meta = {
         **info,
@@ -346,9 +355,11 @@ def save_teacher(
         "arch": config.to_json(),
         "params": count_params(variables["params"]),
         "cuts": list(model.cuts),
-        "checkpoint": CHECKPOINT_NAME,
+        "checkpoint": name,
         "checkpoint_sha256": sha,
     }
+    if storage != "float32":
+        meta["checkpoint_storage"] = storage
     write_atomic(directory / METADATA_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
@@ -380,7 +391,8 @@ def _load_cached(directory: str, sha: str) -> Teacher:
     info = json.loads((path / METADATA_NAME).read_text())
     config = ArchConfig.from_json(info["arch"])
     template = variables_template(config, tuple(info["image_shape"]))
-    variables = load_tree(path / info.get("checkpoint", CHECKPOINT_NAME), template, sha)
+    ckpt = path / info.get("checkpoint", CHECKPOINT_NAME)
+    variables = load_tree(ckpt, template, sha, info.get("checkpoint_storage", "float32"))
     variables = jax.tree.map(jnp.asarray, variables)
     return Teacher(info.get("name", path.name), config, variables, info, sha)
 
