@@ -6,9 +6,10 @@ CVXDIST := $(PYTHON) -m cvxdist.cli
 
 .PHONY: setup setup-test setup-bench data test demo lint
 
-# The main job's runtime only: no TensorFlow (the `data` extra reads TFDS datasets).
+# The main job's runtime and the ONNX export it reports (onnxruntime, jax2onnx): no
+# TensorFlow (the `data` extra reads TFDS datasets).
 setup:
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[export]"
 
 # The tests also cover TFDS (through tfds.testing.mock_data), so they install the `data` extra.
 setup-test:
