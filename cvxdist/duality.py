@@ -156,6 +156,13 @@ def lam_max(problem: Problem, reg: Regularizer) -> Array:
     return reg.lam_max(correlation(problem.with_precision("highest")))
 
 
+def _alignment(exact: Problem, corr: Array) -> Array:
+    norms = jnp.sqrt(jnp.sum(corr * corr, axis=(1, 2)))
+    scale = jnp.sqrt(2.0 * target_energy(exact)) * exact.gate_norm_bounds()
+    ratios = jnp.where(scale > 0, norms / jnp.where(scale > 0, scale, 1.0), 0.0)
+    return jnp.max(ratios)
+
+
 @eqx.filter_jit
 def gate_alignment(problem: Problem) -> Array:
     """:math:`\\max_i \\|\\mathcal A_i^T C P_\\perp T\\|_F / (\\bar a_i \\|P_\\perp T\\|_C)`,
@@ -164,8 +171,12 @@ def gate_alignment(problem: Problem) -> Array:
     the skip and bias do not (e.g. a gate on for every row, with the skip): the only optimum
     the float arithmetic can certify is ``U = 0``; a small λ would chase rounding noise."""
     exact = problem.with_precision("highest")
+    return _alignment(exact, correlation(exact))
+
+
+@eqx.filter_jit
+def lam_max_and_alignment(problem: Problem, reg: Regularizer) -> tuple[Array, Array]:
+    """`lam_max` and `gate_alignment` from one correlation pass."""
+    exact = problem.with_precision("highest")
     corr = correlation(exact)
-    norms = jnp.sqrt(jnp.sum(corr * corr, axis=(1, 2)))
-    scale = jnp.sqrt(2.0 * target_energy(exact)) * exact.gate_norm_bounds()
-    ratios = jnp.where(scale > 0, norms / jnp.where(scale > 0, scale, 1.0), 0.0)
-    return jnp.max(ratios)
+    return reg.lam_max(corr), _alignment(exact, corr)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from cvxdist.duality import Problem, gate_alignment, lam_max
+from cvxdist.duality import Problem, lam_max_and_alignment
 from cvxdist.operators import rounding_guard
 from cvxdist.problems import GatedReluProblem
 from cvxdist.prox import Regularizer, get_regularizer
@@ -110,11 +110,11 @@ def resolve_lam(
     if (lam is None) == (lam_frac is None):
         raise ValueError("give exactly one of lam and lam_frac")
     regularizer = get_regularizer(reg)
-    lmax = float(lam_max(problem, regularizer))
+    lmax, alignment = map(float, lam_max_and_alignment(problem, regularizer))
     if lam is None:
         lam = float(_check_lam(lam_frac, "lam_frac")) * lmax
     lam = float(_check_lam(lam))
-    adjusted = _unless_degenerate(problem, lam, lmax)
+    adjusted = _unless_degenerate(problem, lam, lmax, alignment)
     if adjusted != lam:
         return adjusted, lmax
     if lam >= lmax:
@@ -126,12 +126,11 @@ def resolve_lam(
     return lam, lmax
 
 
-def _unless_degenerate(problem: Problem, lam: float, lmax: float) -> float:
+def _unless_degenerate(problem: Problem, lam: float, lmax: float, alignment: float) -> float:
     """``lam``, or ``λ_max`` (so ``U = 0``, certified) with a warning when the gates' features
     correlate with the projected targets only at rounding level (`gate_alignment`)."""
     if lam >= lmax:
         return lam
-    alignment = float(gate_alignment(problem))
     guard = rounding_guard(problem.dtype)
     if alignment < guard:
         warnings.warn(
@@ -412,12 +411,12 @@ def solve_path(
     if (lams is None) == (lam_fracs is None):
         raise ValueError("give exactly one of lams and lam_fracs")
     regularizer = get_regularizer(reg)
-    lmax = float(lam_max(problem, regularizer))
+    lmax, alignment = map(float, lam_max_and_alignment(problem, regularizer))
     values = _check_lam(lams if lams is not None else lam_fracs, "lams")
     if lams is None:
         values = values * lmax
     values = np.sort(values.ravel())[::-1]
-    if _unless_degenerate(problem, float(values[-1]), lmax) >= lmax:
+    if _unless_degenerate(problem, float(values[-1]), lmax, alignment) >= lmax:
         values = np.maximum(values, lmax)
     solver_obj, setup_s = path_solver(
         problem, solver, regularizer, len(values), screen=screen, **solver_options
