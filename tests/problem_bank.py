@@ -9,8 +9,9 @@ Everything a test needs to judge a solve independently of the solver core:
 
 A new problem *kind* (a new data term) is a :class:`BankProblem` subclass that overrides
 ``kind``, :meth:`~BankProblem.problem`, :meth:`~BankProblem.loss_numpy` and
-:meth:`~BankProblem.loss_cvxpy`; listed in :data:`BANK` it joins every table that accepts its
-kind (see ``tests/test_reference_table.py``).
+:meth:`~BankProblem.loss_cvxpy`; listed in :data:`BANK` (a composed data term: in
+:data:`COMPOSED_BANK`) it joins every table that accepts its kind (see
+``tests/test_reference_table.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, ClassVar
 
 import cvxpy as cp
 import numpy as np
+import scipy.linalg
+import test_composed as composed_cases
 
 from cvxdist.problems import lam_max, make_problem
 from cvxdist.prox import GroupElastic, get_regularizer
@@ -116,13 +119,114 @@ BANK = (
 )
 
 # ---------------------------------------------------------------------------------------
-# EXTENSION POINT: composed data terms (pooled rows S, a dense head H, per-group Jacobians
-# J_n, weighted sums of terms; DESIGN §2a). Add each as a BankProblem subclass with
-# `kind = "<name>"` overriding `problem` (build it through the public API), `loss_numpy`
-# (float64 numpy) and `loss_cvxpy` (the same term in CVXPY), and append an instance here.
-# The reference table runs it on every solver path whose `kinds` include it.
+# Composed data terms (pooled rows S, a dense head H, per-group Jacobians J_n, weighted sums
+# of terms; DESIGN §2a). Each is a BankProblem subclass with `kind = "<name>"` overriding
+# `problem` (built through the public API), `loss_numpy` (float64 numpy) and `loss_cvxpy`
+# (the same term in CVXPY); the reference table runs it on every solver path whose `kinds`
+# include it. The problems are those of tests/test_composed.py (its data and its `build`);
+# here each readout is written out as an explicit matrix acting on the row-major outputs.
 # ---------------------------------------------------------------------------------------
-COMPOSED_BANK: tuple[BankProblem, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComposedBankProblem(BankProblem):
+    """A composition of ``tests/test_composed.py`` (``kind`` names it): the student's outputs
+    ``s = Σ_i m_i ⊙ (X U_i) (+XV+b)`` on ``groups × L`` location rows are read out by fixed
+    linear maps; the data term is ``Σ_t w_t/(2 n_t) ||M_t vec(s) − T_t||²`` with ``vec``
+    row-major and ``n_t`` the rows of ``T_t``."""
+
+    kind: ClassVar[str] = "composed"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        X, G, Y, _, _ = composed_cases.data()
+        return X, Y, G
+
+    def problem(self, dtype: str = "float64", **options: Any) -> Any:
+        if options:
+            raise TypeError(f"composed bank problems take no make_problem options: {options}")
+        return composed_cases.build(self.kind, self.skip, self.bias, dtype)
+
+    def terms(self) -> list[tuple[float, np.ndarray, np.ndarray]]:
+        """``(w_t, M_t, T_t)`` per data term: ``M_t (n_t k_t, N c)``, ``T_t (n_t, k_t)``."""
+        raise NotImplementedError
+
+    def loss_numpy(self, U: np.ndarray, V: Any = None, b: Any = None) -> float:
+        s = self.predict_numpy(U, V, b).reshape(-1)
+        return sum(
+            w * 0.5 * float(np.sum((M @ s - T.reshape(-1)) ** 2)) / len(T)
+            for w, M, T in self.terms()
+        )
+
+    def loss_cvxpy(self, blocks: list) -> cp.Expression:
+        X, _, G = self.arrays()
+        masks = (X @ G >= 0).astype(float)
+        s = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
+        if self.skip:
+            s = s + X @ cp.Variable((self.d, self.c))
+        if self.bias:
+            s = s + np.ones((self.N, 1)) @ cp.Variable((1, self.c))
+        s = cp.vec(s, order="C")
+        return sum(
+            w * cp.sum_squares(M @ s - T.reshape(-1)) / (2 * len(T)) for w, M, T in self.terms()
+        )
+
+
+def _pool_matrix() -> np.ndarray:
+    """``S (groups, groups·L)``: the mean over each group's ``L`` location rows."""
+    groups, L = composed_cases.GROUPS, composed_cases.L
+    return np.kron(np.eye(groups), np.full((1, L), 1.0 / L))
+
+
+@dataclass(frozen=True)
+class PooledHeadProblem(ComposedBankProblem):
+    """The dense head on the per-image mean: ``||S s H − T||² / (2 groups)``."""
+
+    kind: ClassVar[str] = "pooled_head"
+
+    def terms(self) -> list[tuple[float, np.ndarray, np.ndarray]]:
+        _, _, Y, H, _ = composed_cases.data()
+        # vec_C(S s H) = (S ⊗ Hᵀ) vec_C(s)
+        return [(1.0, np.kron(_pool_matrix(), H.T), composed_cases.pooled_targets(Y, H))]
+
+
+@dataclass(frozen=True)
+class PerGroupProblem(ComposedBankProblem):
+    """A Jacobian per image on its ``L·c`` stacked outputs: ``Σ_g ||J_g s_g − T_g||² / (2
+    groups)``."""
+
+    kind: ClassVar[str] = "per_group"
+
+    def terms(self) -> list[tuple[float, np.ndarray, np.ndarray]]:
+        _, _, Y, _, J = composed_cases.data()
+        # Row-major, group g's outputs are the block vec_C(s)[g L c : (g+1) L c].
+        return [(1.0, scipy.linalg.block_diag(*J), composed_cases.jacobian_targets(Y, J))]
+
+
+@dataclass(frozen=True)
+class WeightedSumProblem(ComposedBankProblem):
+    """Activation matching plus the pooled head's logits, weighted 1 : 3."""
+
+    kind: ClassVar[str] = "weighted_sum"
+
+    def terms(self) -> list[tuple[float, np.ndarray, np.ndarray]]:
+        _, _, Y, H, _ = composed_cases.data()
+        return [
+            (1.0, np.eye(Y.size), Y),
+            (3.0, np.kron(_pool_matrix(), H.T), composed_cases.pooled_targets(Y, H)),
+        ]
+
+
+_COMPOSED_SHAPE = {
+    "N": composed_cases.GROUPS * composed_cases.L,
+    "d": composed_cases.D,
+    "c": composed_cases.C,
+    "P": composed_cases.P,
+}
+COMPOSED_BANK: tuple[BankProblem, ...] = (
+    PerGroupProblem("composed_per_group", **_COMPOSED_SHAPE, skip=True, bias=True),
+    WeightedSumProblem("composed_weighted_sum", **_COMPOSED_SHAPE),
+    PooledHeadProblem("composed_pooled_head", **_COMPOSED_SHAPE, skip=True, bias=True),
+)
 
 BANK_BY_NAME = {p.name: p for p in (*BANK, *COMPOSED_BANK)}
 

@@ -267,6 +267,16 @@ class SolvePath:
     dtype: str = "float64"
     context: str | None = None  # a fixture the path needs (tmp_path, the sharded results)
     kinds: Sequence[str] = ("activations",)
+    #: The row's composed problems (bank names; ``None``: every one of a kind in ``kinds``)
+    #: and their regularizers (``None``: :attr:`regs`). Rows beyond ``fista`` and ``auto`` run
+    #: a composed problem with one regularizer, the slower ones on one composed problem only.
+    composed_specs: Sequence[str] | None = None
+    composed_regs: Sequence[str] | None = None
+
+    def regs_for(self, spec: Any) -> Sequence[str]:
+        if spec.kind == "activations" or self.composed_regs is None:
+            return self.regs
+        return self.composed_regs
 
 
 SHARDED_CASES = {  # name -> (solve options, make_problem options); run with devices=4
@@ -284,7 +294,15 @@ PATHS = (
     SolvePath("admm", single("admm"), regs=CVXPY_REGS),
     SolvePath("auto", single("auto"), kinds=("activations", *COMPOSED_KINDS)),
     # Gap-safe screening (phased solves).
-    SolvePath("fista-screen", single("fista", screen=True), ("tall", "skip_bias"), SCREEN_REGS),
+    SolvePath(
+        "fista-screen",
+        single("fista", screen=True),
+        ("tall", "skip_bias"),
+        SCREEN_REGS,
+        kinds=("activations", *COMPOSED_KINDS),
+        composed_specs=("composed_per_group",),
+        composed_regs=("coupled",),
+    ),
     SolvePath("admm-screen", single("admm", screen=True), ("tall", "skip_bias"), SCREEN_REGS),
     # ADMM's linear solves (cholesky is the default: the "admm" row).
     SolvePath("admm-eigh", single("admm", linear_solver="eigh"), ("skip_bias", "wide")),
@@ -310,7 +328,15 @@ PATHS = (
     # Batches and paths: every lane / λ against its own optimum.
     SolvePath("fista-batch", batched("fista"), ("tall", "skip_bias")),
     SolvePath("admm-batch", batched("admm"), ("tall",)),
-    SolvePath("fista-path", path("fista"), ("skip_bias",), ("coupled", "nuclear")),
+    SolvePath(
+        "fista-path",
+        path("fista"),
+        ("skip_bias",),
+        ("coupled", "nuclear"),
+        kinds=("activations", *COMPOSED_KINDS),
+        composed_specs=("composed_weighted_sum",),
+        composed_regs=("nuclear",),
+    ),
     SolvePath("admm-path", path("admm"), ("skip_bias",)),
     # Working sets (the gap on all gates ends the solve): through solve (the bank's few gates
     # fit one 64-gate bucket), and in buckets of 2 gates (the first set holds 2 gates, grown
@@ -327,6 +353,8 @@ PATHS = (
         ("single_output",),
         ("coupled", "one_vs_all"),
         kinds=("activations", *COMPOSED_KINDS),
+        composed_specs=("composed_pooled_head",),
+        composed_regs=("one_vs_all",),
     ),
     # Strong-rule paths: the first working set of each λ is the sequential strong set.
     SolvePath(
@@ -342,6 +370,7 @@ PATHS = (
         ("skip_bias",),
         ("coupled", "nuclear"),
         kinds=("activations", *COMPOSED_KINDS),
+        composed_regs=("nuclear",),
     ),
     SolvePath("pgd-anderson", single("fista", anderson=3, momentum=False), ("tall",)),
     # ADMM paths on one eigendecomposition of the kernel, with a fixed and an adaptive ρ; the
@@ -354,7 +383,14 @@ PATHS = (
     ),
     SolvePath("admm-certify-every-3", single("admm", certify_every=3), ("skip_bias",)),
     # float32 and bf16 GEMMs (certified in float32).
-    SolvePath("fista-f32", single("fista"), ("tall", "skip_bias"), dtype="float32"),
+    SolvePath(
+        "fista-f32",
+        single("fista"),
+        ("tall", "skip_bias"),
+        dtype="float32",
+        kinds=("activations", *COMPOSED_KINDS),
+        composed_specs=("composed_per_group", "composed_pooled_head"),
+    ),
     SolvePath("admm-f32", single("admm"), ("skip_bias",), ("coupled", "nuclear"), "float32"),
     SolvePath("auto-f32", single("auto"), ("tall",), dtype="float32"),
     SolvePath("fista-bf16", single("fista"), ("tall", "skip_bias"), dtype="bf16"),
@@ -375,16 +411,40 @@ PATHS = (
 )
 
 
+#: Cases that fail on a known defect of the solver core, by case id (strict: once the core is
+#: fixed they fail as XPASS until their entry is removed).
+KNOWN_FAILURES = {
+    "fista-f32-composed_pooled_head-coupled": (
+        "float32 skip/bias Gram of a rank-deficient head (k_out < c): rounding leaves its null "
+        "eigenvalues near 1e-8 relative, above the rcond=1e-10 of its pseudo-inverse, whose "
+        "entries blow up (~1e7); the line search fails at the first step"
+    ),
+}
+
+
+def _composed(row: SolvePath) -> tuple:
+    return tuple(
+        spec
+        for spec in COMPOSED_BANK
+        if spec.kind in row.kinds
+        and (row.composed_specs is None or spec.name in row.composed_specs)
+    )
+
+
 def _cases() -> list:
     cases = []
     for row in PATHS:
         for name in row.specs:
-            for spec in (BANK_BY_NAME[name], *(s for s in COMPOSED_BANK if s.kind in row.kinds)):
+            for spec in (BANK_BY_NAME[name], *_composed(row)):
                 if spec.kind not in row.kinds:
                     continue
-                for reg in row.regs:
+                for reg in row.regs_for(spec):
                     case_id = f"{row.name}-{spec.name}-{reg}"
-                    cases.append(pytest.param(row, spec, reg, id=case_id))
+                    marks = ()
+                    if case_id in KNOWN_FAILURES:
+                        reason = KNOWN_FAILURES[case_id]
+                        marks = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+                    cases.append(pytest.param(row, spec, reg, id=case_id, marks=marks))
     return list({c.id: c for c in cases}.values())
 
 
@@ -415,6 +475,12 @@ def test_the_table_covers_every_path():
     assert {"fista-anderson", "admm-eigh-path", "admm-eigh-path-balance"} <= names
     assert {f"sharded-{name}" for name in SHARDED_CASES} <= names
     assert len(_cases()) >= 80
+    # Every composed kind on the solvers that take it, never on ADMM (which refuses them).
+    assert {"per_group", "weighted_sum", "pooled_head"} <= set(COMPOSED_KINDS)
+    for kind in COMPOSED_KINDS:
+        rows = {row.name for row in PATHS if any(s.kind == kind for s in _composed(row))}
+        assert {"fista", "auto"} <= rows and not any("admm" in r for r in rows), (kind, rows)
+    assert set(KNOWN_FAILURES) <= {c.id for c in _cases()}
 
 
 # ----------------------------------------------------------------------------- sharding
