@@ -486,4 +486,8 @@ def _unregularized_gram_pinv(terms: tuple[DataTerm, ...], width: int, c: int) ->
     basis = jnp.eye(size, dtype=problem.dtype)
     gram = np.asarray(jax.jit(lambda E: jax.lax.map(normal, E, batch_size=16))(basis), np.float64)
     gram = 0.5 * (gram + gram.T)
-    return np.linalg.pinv(gram, rcond=1e-10, hermitian=True)
+    # The normal map was applied in the problem's dtype: the Gram's null space (a head that
+    # reads fewer logits than outputs) comes back as eigenvalues at that dtype's rounding
+    # level (1e-8 relative in float32), which the cut-off must treat as zero.
+    rcond = max(1e-10, 10.0 * size * float(jnp.finfo(problem.dtype).eps))
+    return np.linalg.pinv(gram, rcond=rcond, hermitian=True)

@@ -413,13 +413,7 @@ PATHS = (
 
 #: Cases that fail on a known defect of the solver core, by case id (strict: once the core is
 #: fixed they fail as XPASS until their entry is removed).
-KNOWN_FAILURES = {
-    "fista-f32-composed_pooled_head-coupled": (
-        "float32 skip/bias Gram of a rank-deficient head (k_out < c): rounding leaves its null "
-        "eigenvalues near 1e-8 relative, above the rcond=1e-10 of its pseudo-inverse, whose "
-        "entries blow up (~1e7); the line search fails at the first step"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _composed(row: SolvePath) -> tuple:
