@@ -15,6 +15,15 @@ import pytest
 from cvxdist.cli import main
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compilation_caches():
+    """Drop JAX's compilation caches after each test module: one pytest process compiles
+    thousands of programs (a whole run once aborted inside native code after ~520 tests, a
+    crash no single test reproduces); later modules never reuse another module's programs."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Run a test with 64-bit JAX arrays (for checks at high precision)."""
