@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -19,3 +20,14 @@ def check_output_file(path: Path, example: str) -> None:
         raise UserError(f"--out {path}: directory {parent} is not writable")
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name like {example}")
+
+
+def add_run_teacher_argument(parser: argparse.ArgumentParser) -> None:
+    """``--teacher`` of commands that read a run directory (`evaluate`, `export`)."""
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="the teacher folder or shipped name (default: the one the run recorded); its "
+        "checkpoint must be the one the run was distilled from (SHA-256)",
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cvxdist.commands import add_run_teacher_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -12,13 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a distilled student folder (accuracy, agreement, size, latency)",
     )
     parser.add_argument("student", type=Path, help="folder written by `cvxdist distill`")
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        metavar="PATH_OR_NAME",
-        help="the teacher folder or shipped name (default: the one the run recorded); its "
-        "checkpoint must be the one the run was distilled from (SHA-256)",
-    )
+    add_run_teacher_argument(parser)
     parser.add_argument("--dataset", default=None, help="dataset (default: the teacher's)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="test", choices=("train", "test"))

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cvxdist.commands import add_run_teacher_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,13 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="output file (its folder must exist)"
     )
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        metavar="PATH_OR_NAME",
-        help="the teacher folder or shipped name (default: the one the run recorded); its "
-        "checkpoint must be the one the run was distilled from (SHA-256)",
-    )
+    add_run_teacher_argument(parser)
     parser.add_argument(
         "--check-images",
         type=int,

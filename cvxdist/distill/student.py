@@ -137,16 +137,9 @@ class ReluStudent(nn.Module):
     skip: bool
     reduced_channels: int | None = None
 
-    @property
-    def features(self) -> int:
-        if self.reduced_in is not None:
-            return self.reduced_in
-        k = max(self.kernel_size, 1)
-        return k * k * (self.reduced_channels or self.in_channels)
-
-    @property
-    def outputs(self) -> int:
-        return self.reduced_out if self.reduced_out is not None else self.out_channels
+    # The same feature map and output sizes as the convex student.
+    features = GatedStudent.features
+    outputs = GatedStudent.outputs
 
     @nn.compact
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
