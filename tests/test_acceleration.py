@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,6 +190,19 @@ def test_one_eigendecomposition_wins_on_long_paths():
 
 
 def test_measured_rates_are_positive_and_cached():
-    rates = costs.default_rates()
+    rates = costs.measured_rates(jax.default_backend(), "float32")
     assert rates.gemm > 0 and rates.cholesky > 0 and rates.eigh > 0
-    assert costs.default_rates() is rates
+    assert costs.measured_rates(jax.default_backend(), "float32") is rates
+
+
+def test_pinned_rates_replace_the_measurement(monkeypatch):
+    monkeypatch.setenv(costs.RATES_ENV, "1e9,2e-10,4e-10")
+    assert costs.default_rates() == costs.Rates(1e9, 2e-10, 4e-10)
+    monkeypatch.setenv(costs.RATES_ENV, "reference")
+    assert costs.default_rates() == costs.reference_rates()
+    monkeypatch.delenv(costs.RATES_ENV)
+    assert costs.default_rates() is costs.measured_rates(jax.default_backend(), "float32")
+    for bad in ("fast", "1,2", "1,0,3", "1,2,nan"):
+        monkeypatch.setenv(costs.RATES_ENV, bad)
+        with pytest.raises(ValueError, match=costs.RATES_ENV):
+            costs.default_rates()

@@ -19,11 +19,16 @@ that, at a relative gap of 1e-3); they cancel in the comparison except against t
 ADMM needs the dense kernel (padded ``N ≤ DENSE_MAX_ROWS``) and plain gated rows; composed
 data terms always get R-FISTA. :func:`explain` returns the prediction, the rates and the
 choice, which the benchmark records.
+
+Measured rates vary with the machine's load, so two runs can choose differently near a tie.
+``CVXDIST_SOLVER_RATES`` pins them: ``reference`` (:func:`reference_rates`) or three numbers
+``gemm,cholesky,eigh`` as in :class:`Rates`; the tests pin them, so their runs compare.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -43,6 +48,8 @@ ADMM_ITERATION_RATIO = 0.4
 PATH_WARM_FRACTION = 0.5
 #: Size of the matrices timed by :func:`measured_rates` (smaller ones time overheads).
 PROBE_SIZE = 1024
+#: Environment variable that pins the rates instead of measuring them (module docstring).
+RATES_ENV = "CVXDIST_SOLVER_RATES"
 
 
 class Rates(NamedTuple):
@@ -78,8 +85,28 @@ def measured_rates(platform: str | None = None, dtype: str = "float32") -> Rates
     return Rates(2.0 * n**3 / gemm, cholesky / n**3, eigh / n**3)
 
 
+def pinned_rates(value: str) -> Rates:
+    """The rates a ``CVXDIST_SOLVER_RATES`` value names: ``reference`` or ``gemm,cholesky,eigh``."""
+    if value.strip() == "reference":
+        return reference_rates()
+    try:
+        numbers = [float(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 3 or not all(0.0 < x < float("inf") for x in numbers):
+        raise ValueError(
+            f"{RATES_ENV}={value!r}: expected 'reference' or three positive numbers "
+            "'gemm,cholesky,eigh' (flop/s, and seconds per n^3 of each factorization)"
+        )
+    return Rates(*numbers)
+
+
 def default_rates(dtype: Any = jnp.float32) -> Rates:
-    """:func:`measured_rates` for the default backend and ``dtype``."""
+    """The rates pinned by ``CVXDIST_SOLVER_RATES``, else :func:`measured_rates` for the
+    default backend and ``dtype``."""
+    pinned = os.environ.get(RATES_ENV)
+    if pinned:
+        return pinned_rates(pinned)
     return measured_rates(jax.default_backend(), jnp.dtype(dtype).name)
 
 
@@ -169,6 +196,7 @@ __all__ = [
     "default_rates",
     "explain",
     "measured_rates",
+    "pinned_rates",
     "predict",
     "reference_rates",
 ]
