@@ -475,6 +475,72 @@ def test_refit_output_undoes_second_layer_shrinkage():
     assert net_params(refit) == net_params(shrunk)  # same size: only the values change
 
 
+@pytest.mark.parametrize(
+    "kinds",
+    [("activations",), ("logits",), ("activations", "logits"), ("logits", "gauss-newton")],
+)
+def test_refit_output_is_the_least_squares_fit_of_its_terms(kinds):
+    # The refit's normal equations (Kronecker-split for activations and logits, dense with a
+    # Gauss-Newton term) against numpy's least squares on the explicit design: each column
+    # is the terms' weighted readouts of one basis output layer θ = e_(a,i).
+    from cvxdist.distill.objectives import TermData
+    from cvxdist.distill.refit import objective_value, refit_output
+
+    rng = np.random.default_rng(1)
+    N, L, d, c, k = 120, 4, 3, 3, 4  # k ≥ c: the head identifies every output
+    net = GatedNetwork(
+        gates=jnp.asarray(rng.standard_normal((d, 2)), jnp.float32),
+        neuron_gate=jnp.asarray([0, 1, 1]),
+        w_in=jnp.asarray(rng.standard_normal((d, 3)), jnp.float32),
+        w_out=jnp.zeros((3, c), jnp.float32),
+        skip=jnp.zeros((d, c), jnp.float32),
+        bias=jnp.zeros((c,), jnp.float32),
+    )
+    rows = rng.standard_normal((N, L, d)).astype(np.float32)
+    head = rng.standard_normal((c, k)).astype(np.float32)
+    make = {
+        "activations": lambda: activation_term(rows, rng.standard_normal((N, L, c))),
+        "logits": lambda: TermData(
+            "logits", rows, rng.standard_normal((N, k)).astype(np.float32), 0.7, head=head
+        ),
+        "gauss-newton": lambda: TermData(
+            "gauss-newton",
+            rows,
+            rng.standard_normal((N, k)).astype(np.float32),
+            1.3,
+            jacobian=rng.standard_normal((N, k, L * c)).astype(np.float32),
+        ),
+    }
+    terms = [make[kind]() for kind in kinds]
+    q = 3 + d + 1
+
+    def readouts(w_out, skip, bias):
+        layer = net._replace(w_out=w_out, skip=skip, bias=bias)
+        parts = []
+        for t in terms:
+            out = np.asarray(predict(layer, t.rows.reshape(-1, d)), np.float64)
+            read = np.asarray(t.readout(out.reshape(*t.rows.shape[:2], c)), np.float64)
+            parts.append(np.sqrt(t.weight / t.num_groups) * read.reshape(-1))
+        return np.concatenate(parts)
+
+    def split(theta):
+        theta = jnp.asarray(theta.reshape(q, c), jnp.float32)
+        return theta[:3], theta[3 : 3 + d], theta[-1]
+
+    design = np.stack([readouts(*split(e)) for e in np.eye(q * c)], axis=1)
+    target = np.concatenate(
+        [np.sqrt(t.weight / t.num_groups) * t.targets.reshape(-1) for t in terms]
+    )
+    theta, *_ = np.linalg.lstsq(design, target, rcond=None)
+    best = 0.5 * np.sum((design @ theta - target) ** 2)
+
+    refit, info = refit_output(net, terms, ridge=1e-9)
+    assert info["applied"]
+    np.testing.assert_allclose(objective_value(refit, terms), best, rtol=1e-4)
+    got = np.concatenate([np.asarray(refit.w_out), np.asarray(refit.skip), refit.bias[None]])
+    np.testing.assert_allclose(got, theta.reshape(q, c), atol=1e-3)
+
+
 def test_refit_flag_keeps_the_student_size(teacher, data, solved):
     _, test = data
     _, block, student = solved
