@@ -13,6 +13,21 @@ import jax
 import pytest
 
 from cvxdist.cli import main
+from cvxdist.solvers.costs import RATES_ENV
+
+# `auto` chooses from measured speeds, which vary with this machine's load: pin them, so that
+# two runs compared by a test (and the subprocesses they start) choose the same solver.
+os.environ[RATES_ENV] = "reference"
+# The tests' programs are small and mostly compiled once: skip LLVM's costly optimisations
+# (the suite takes about 20 % less CPU; IEEE semantics are kept, XLA's CPU code is not
+# fast-math). Subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+).strip()
 
 
 @pytest.fixture(autouse=True, scope="module")

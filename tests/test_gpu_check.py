@@ -8,13 +8,9 @@ from benchmarks import gpu_check
 
 
 def test_tiny_run_certifies_every_case_and_distills(tmp_path):
-    cases = (
-        ("fista-ws", "bf16"),
-        ("fista-anderson", "highest"),
-        ("path-ws", "highest"),
-        ("admm", "bf16"),
-        ("admm-eigh-path", "highest"),
-    )
+    # Each branch of a case: a single solve, an R-FISTA path, an ADMM path (every variant's
+    # options are solved against CVXPY in the reference table).
+    cases = (("fista-ws", "bf16"), ("path-ws", "highest"), ("admm-eigh-path", "highest"))
     assert {variant for variant, _ in gpu_check.CASES} == set(gpu_check.VARIANTS)
     payload = gpu_check.run(tmp_path, size="tiny", budget_s=600, cases=cases)
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(payload))

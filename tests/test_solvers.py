@@ -29,6 +29,9 @@ from cvxdist.solvers.fista import Fista
 LAM_FRAC = 0.1
 
 
+# Covered by default by test_problems.py's hypothesis test (the same bound for fista and admm,
+# random problems, regularizers, λ and stopping points) and by the reference table.
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 @pytest.mark.parametrize("reg", ("coupled", "one_vs_all", "nuclear"))
 @pytest.mark.parametrize("spec", BANK[:3], ids=lambda s: s.name)
@@ -47,7 +50,9 @@ def test_gap_bounds_true_suboptimality(x64, solver, reg, spec):
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
-@pytest.mark.parametrize("reg", CVXPY_REGS)
+@pytest.mark.parametrize(  # λ_max of each regularizer: test_problems.py's closed forms
+    "reg", [r if r == "coupled" else pytest.param(r, marks=pytest.mark.slow) for r in CVXPY_REGS]
+)
 def test_lam_at_or_above_lam_max_gives_zero(x64, solver, reg):
     problem = build(BANK_BY_NAME["tall"])
     reg_obj = regularizer(reg)

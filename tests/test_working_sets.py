@@ -50,9 +50,11 @@ def assert_path_matches_cvxpy(problem, name, reg, fracs, path, tol=1e-9):
 @pytest.mark.parametrize(
     ("name", "reg"),
     [
-        ("tall", "coupled"),
-        ("tall", "nuclear"),
-        ("single_output", "one_vs_all"),
+        # the reference table's fista-working-set rows solve `tall` (every regularizer), its
+        # fista-working-set-narrow rows `single_output` with screening, against CVXPY
+        pytest.param("tall", "coupled", marks=pytest.mark.slow),
+        pytest.param("tall", "nuclear", marks=pytest.mark.slow),
+        pytest.param("single_output", "one_vs_all", marks=pytest.mark.slow),
         ("skip_bias", "group_elastic"),
         ("chunked_recomputed", "coupled"),
     ],
@@ -71,7 +73,14 @@ def test_working_sets_reach_the_cvxpy_optimum(x64, name, reg, screen):
     assert 0 < float(solution.stats.iteration_equivalents)
 
 
-@pytest.mark.parametrize("name", ["pooled_head", "weighted_sum", "per_group"])
+@pytest.mark.parametrize(  # the reference table's fista-working-set rows solve all three
+    "name",
+    [
+        pytest.param("pooled_head", marks=pytest.mark.slow),
+        "weighted_sum",
+        pytest.param("per_group", marks=pytest.mark.slow),
+    ],
+)
 def test_working_sets_on_composed_problems(x64, name):
     problem = build_composed(name, True, True)
     reg = get_regularizer("coupled")
