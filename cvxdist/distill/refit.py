@@ -101,10 +101,7 @@ def _solve_normal_equations(
         np.array_equal(n.right, heads[0][1].right) for _, n in heads
     ):
         A = sum((w * n.left for w, n in plain), np.zeros((q, q)))
-        if not heads:
-            scale = ridge * max(np.trace(A) / q, 1e-30)
-            return np.linalg.solve(A + scale * np.eye(q), moments)
-        B = heads[0][1].right
+        B = heads[0][1].right if heads else np.zeros((c, c))
         A_B = sum((w * n.left for w, n in heads), np.zeros((q, q)))
         scale = ridge * max((np.trace(A) * c + np.trace(A_B) * np.trace(B)) / (q * c), 1e-30)
         eigenvalues, Q = np.linalg.eigh(B)
