@@ -33,6 +33,21 @@ ELASTIC_ALPHA = 0.5
 LAM_FRAC = 0.1
 
 
+def cvxpy_outputs(
+    X: np.ndarray, G: np.ndarray, blocks: list, skip: bool, bias: bool
+) -> cp.Expression:
+    """The gated network's outputs ``Σ_i D_i X u_i`` (N, c) as a CVXPY expression of the gate
+    blocks, with a fresh skip ``X V`` and bias ``1 bᵀ`` when asked."""
+    masks = (X @ G >= 0).astype(float)
+    out = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
+    d, c = X.shape[1], blocks[0].shape[1]
+    if skip:
+        out = out + X @ cp.Variable((d, c))
+    if bias:
+        out = out + np.ones((len(X), 1)) @ cp.Variable((1, c))
+    return out
+
+
 @dataclass(frozen=True)
 class BankProblem:
     """A seeded planted problem: rows ``X``, targets ``Y`` of a gated network plus noise,
@@ -94,12 +109,7 @@ class BankProblem:
     def loss_cvxpy(self, blocks: list) -> cp.Expression:
         """The data term as a CVXPY expression of the gate blocks (skip and bias added here)."""
         X, Y, G = self.arrays()
-        masks = (X @ G >= 0).astype(float)
-        pred = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
-        if self.skip:
-            pred = pred + X @ cp.Variable((self.d, self.c))
-        if self.bias:
-            pred = pred + np.ones((self.N, 1)) @ cp.Variable((1, self.c))
+        pred = cvxpy_outputs(X, G, blocks, self.skip, self.bias)
         return cp.sum_squares(pred - Y) / (2 * self.N)
 
     def objective(self, reg: str, lam: float, U: Any, V: Any = None, b: Any = None) -> float:
@@ -159,13 +169,7 @@ class ComposedBankProblem(BankProblem):
 
     def loss_cvxpy(self, blocks: list) -> cp.Expression:
         X, _, G = self.arrays()
-        masks = (X @ G >= 0).astype(float)
-        s = sum(cp.multiply(masks[:, [i]], X @ u) for i, u in enumerate(blocks))
-        if self.skip:
-            s = s + X @ cp.Variable((self.d, self.c))
-        if self.bias:
-            s = s + np.ones((self.N, 1)) @ cp.Variable((1, self.c))
-        s = cp.vec(s, order="C")
+        s = cp.vec(cvxpy_outputs(X, G, blocks, self.skip, self.bias), order="C")
         return sum(
             w * cp.sum_squares(M @ s - T.reshape(-1)) / (2 * len(T)) for w, M, T in self.terms()
         )
